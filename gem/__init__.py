@@ -1,0 +1,3 @@
+"""GEM: gradient-to-weight ratio and entropy-guided sparse fine-tuning, and the baselines it is compared with."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,340 @@
+"""`load_task`: read a task from local files or the Hub, turn rows into examples, sample the splits.
+
+Data comes from, in this order: the `data_dir` argument, the `GEM_DATA_DIR` environment
+variable, the Hugging Face Hub. Local files are read with `datasets.load_dataset("csv" |
+"json")`; MultiRC and SQuAD files are nested and are flattened here into the Hub's row shape.
+
+Every example is a dict:
+
+    uid     "<task>/<official split>/<id>"  (the same for local files and the Hub)
+    text_a  str               first text (premise, sentence, passage, question, prompt)
+    text_b  str | None        second text of a pair
+    label   int | float | None  index into label_names; float for regression; None for generation
+    choices list[str] | None  multiple choice only (COPA: choice1, choice2)
+    target  str | None        generation only: the reference output (GSM8k answer, MBPP code,
+                              SQuAD's first gold answer; all gold answers stay in raw)
+    raw     dict              the source row, as read (flattened for MultiRC and SQuAD)
+    ...                       plus the task's `fields.extra` keys (COPA: question; WiC: word)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gem.data.sampling import draw_from, draw_test, draw_train_dev, fallback_split
+from gem.data.tasks import DataError, SourceSpec, TaskData, TaskSpec, normalise_label_key, parse_task_config
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    """Whether the environment forbids the Hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in _OFFLINE_VARS)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
+    """The explicit argument, else $GEM_DATA_DIR, else None (= the Hub)."""
+    if data_dir is not None and str(data_dir).strip():
+        return str(data_dir)
+    env = os.environ.get("GEM_DATA_DIR", "").strip()
+    return env or None
+
+
+def load_task(task_cfg: Any, data_dir: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
+    """Load one task (a `conf/task/<name>.yaml` config) and sample train/dev/test by the protocol."""
+    spec = parse_task_config(task_cfg)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        pools, source, fallback = _read_local(spec, root)
+    else:
+        pools, source, fallback = _read_hub(spec), _hub_label(spec), False
+    train, dev, test, notes = _sample(spec, pools, int(seed), fallback)
+    log.info("task %s from %s: train/dev/test = %d/%d/%d (seed %d, test_seed %d)",
+             spec.name, source, len(train), len(dev), len(test), seed, spec.test_seed)
+    return TaskData(name=spec.name, kind=spec.kind, label_names=list(spec.label_names),
+                    metrics=list(spec.metrics), train=train, dev=dev, test=test, source=source, notes=notes)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _sample(spec: TaskSpec, pools: dict[str, list[dict]], seed: int, fallback: bool):
+    notes: list[str] = []
+    val = pools["test"]
+    if fallback:
+        test_idx, rest = fallback_split(len(val), spec.num_test, spec.test_seed)
+        test, train_pool = [val[i] for i in test_idx], [val[i] for i in rest]
+        note = (f"{spec.name}: no official train split ({spec.local.files.get('train')} missing); "
+                f"protocol fallback: test = {len(test)} of the {len(val)} '{spec.split_name('test')}' rows "
+                f"(fixed test_seed={spec.test_seed}, at most half), train/dev drawn with seed {seed} from the "
+                f"other {len(train_pool)} rows of that split; not comparable to runs with the official train split")
+        log.warning(note)
+        notes.append(note)
+    else:
+        test = [val[i] for i in draw_test(len(val), spec.num_test, spec.test_seed)]
+        train_pool = pools["train"]
+    if "dev" in pools:
+        dev_pool = pools["dev"]
+        train = [train_pool[i] for i in draw_from(len(train_pool), spec.num_train, seed)]
+        dev = [dev_pool[i] for i in draw_from(len(dev_pool), spec.num_dev, seed)]
+        notes.append(f"{spec.name}: dev drawn from the official '{spec.split_name('dev')}' split "
+                     f"({len(dev)} of {len(dev_pool)}), not from train")
+        for part, want, got, pool in (("train", spec.num_train, len(train), train_pool),
+                                      ("dev", spec.num_dev, len(dev), dev_pool)):
+            if want is not None and got < want:
+                notes.append(f"{spec.name}: {part} has only {len(pool)} rows (< num_{part} {want}); all used")
+    else:
+        train_idx, dev_idx, note = draw_train_dev(len(train_pool), spec.num_train, spec.num_dev, seed,
+                                                  spec.small_train_dev_fraction)
+        train, dev = [train_pool[i] for i in train_idx], [train_pool[i] for i in dev_idx]
+        if note:
+            notes.append(f"{spec.name}: {note}")
+    for part, rows in (("train", train), ("test", test)) + ((("dev", dev),) if spec.num_dev != 0 else ()):
+        if not rows:
+            raise DataError(f"task {spec.name}: the sampled {part} split is empty "
+                            f"(num_train={spec.num_train}, num_dev={spec.num_dev}, num_test={spec.num_test})")
+    return train, dev, test, notes
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _layout_text(spec: TaskSpec, root: Path) -> str:
+    return "; ".join(f"{role}: {root / rel}" for role, rel in spec.local.files.items())
+
+
+def _read_local(spec: TaskSpec, root_arg: str) -> tuple[dict[str, list[dict]], str, bool]:
+    root = Path(root_arg).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"task {spec.name}: data_dir {root} is not a folder (from data_dir or GEM_DATA_DIR); "
+                        f"expected the official GLUE/SuperGLUE layout, e.g. {_layout_text(spec, root)}")
+    if not spec.local.files:
+        raise DataError(f"task {spec.name}: its config has no local layout (local.files); use the Hub "
+                        f"(data_dir=None, GEM_DATA_DIR unset)")
+    paths = {role: root / rel for role, rel in spec.local.files.items()}
+    missing = [role for role, path in paths.items() if not path.is_file()]
+    fallback = False
+    if "train" in missing and "test" not in missing and spec.missing_train == "split_validation":
+        missing.remove("train")
+        fallback = True
+    if missing:
+        raise DataError(f"task {spec.name}: missing file(s) {', '.join(str(paths[r]) for r in missing)}. "
+                        f"Expected layout under {root}: {_layout_text(spec, root)}")
+    cache: dict[Path, list[dict]] = {}
+    pools: dict[str, list[dict]] = {}
+    for role, path in paths.items():
+        if fallback and role == "train":
+            continue
+        if path not in cache:
+            cache[path] = _read_file(spec, path)
+        rows = cache[path]
+        if spec.local.id_splits:
+            rows = _select_id_split(spec, rows, spec.split_name(role))
+        pools[role] = _examples(spec, spec.local, rows, role, str(path))
+    folder = os.path.commonpath([str(paths[role].parent) for role in pools])
+    return pools, f"local:{folder}", fallback
+
+
+def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
+    import datasets
+
+    src = spec.local
+    read = dict(src.read)
+    quiet = datasets.is_progress_bar_enabled()
+    if quiet:  # no progress bars for small local files; restored below
+        datasets.disable_progress_bars()
+    try:
+        if src.format == "tsv":
+            options = {"delimiter": "\t", "quoting": 3, "keep_default_na": False, "na_filter": False, **read}
+            ds = datasets.load_dataset("csv", data_files={"data": str(path)}, split="data", **options)
+        elif src.format in ("jsonl", "json"):
+            ds = datasets.load_dataset("json", data_files={"data": str(path)}, split="data", **read)
+        else:
+            raise DataError(f"task {spec.name}: local.format must be tsv, jsonl or json, got {src.format!r}")
+    except DataError:
+        raise
+    except Exception as error:  # a malformed file: say which one
+        raise DataError(f"task {spec.name}: could not read {path} as {src.format}: "
+                        f"{type(error).__name__}: {error}") from error
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    rows = ds.to_list()
+    if src.layout == "multirc":
+        rows = flatten_multirc(rows)
+    elif src.layout == "squad":
+        rows = flatten_squad(rows)
+    elif src.layout != "rows":
+        raise DataError(f"task {spec.name}: local.layout must be rows, multirc or squad, got {src.layout!r}")
+    return rows
+
+
+def _select_id_split(spec: TaskSpec, rows: list[dict], split: str) -> list[dict]:
+    """Rows of one official split of a file that holds several, by id ranges (MBPP)."""
+    conf = spec.local.id_splits
+    if split not in conf["ranges"]:
+        raise DataError(f"task {spec.name}: local.id_splits.ranges has no split {split!r} "
+                        f"(has {sorted(conf['ranges'])})")
+    lo, hi = conf["ranges"][split]
+    return [row for row in rows if lo <= int(row[conf["field"]]) <= hi]
+
+
+def flatten_multirc(rows: list[dict]) -> list[dict]:
+    """SuperGLUE MultiRC paragraphs -> one row per (paragraph, question, answer), as on the Hub."""
+    out = []
+    for par in rows:
+        text = par["passage"]["text"]
+        for q in par["passage"]["questions"]:
+            for a in q["answers"]:
+                out.append({"paragraph": text, "question": q["question"], "answer": a["text"],
+                            "idx": {"paragraph": par["idx"], "question": q["idx"], "answer": a["idx"]},
+                            "label": a.get("label")})
+    return out
+
+
+def flatten_squad(rows: list[dict]) -> list[dict]:
+    """SQuAD v1.1 articles (the file's "data" list) -> one row per question, as on the Hub."""
+    out = []
+    for article in rows:
+        for par in article["paragraphs"]:
+            for qa in par["qas"]:
+                answers = qa.get("answers") or []
+                out.append({"id": qa["id"], "title": article.get("title", ""), "context": par["context"],
+                            "question": qa["question"],
+                            "answers": {"text": [a["text"] for a in answers],
+                                        "answer_start": [int(a["answer_start"]) for a in answers]}})
+    return out
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+def _hub_label(spec: TaskSpec) -> str:
+    return "hub:" + "/".join(x for x in (spec.hub.path, spec.hub.name) if x)
+
+
+def _hub_hint(spec: TaskSpec) -> str:
+    dataset = spec.hub.path + (f" ({spec.hub.name})" if spec.hub.name else "")
+    return (f"task {spec.name} needs data: pass data_dir=PATH (a folder in the official GLUE/SuperGLUE "
+            f"layout, e.g. ../shared/data) or set GEM_DATA_DIR, or go online so the Hub dataset "
+            f"{dataset} can be downloaded")
+
+
+def _read_hub(spec: TaskSpec) -> dict[str, list[dict]]:
+    if not spec.hub.path or not spec.hub.splits:
+        raise DataError(f"task {spec.name}: no data_dir and no Hub dataset in its config; pass data_dir=PATH "
+                        f"or set GEM_DATA_DIR")
+    if hub_offline():
+        raise DataError(_hub_hint(spec) + f" ({' / '.join(_OFFLINE_VARS)} is set, so the Hub is not tried)")
+    import datasets
+
+    pools = {}
+    for role, split in spec.hub.splits.items():
+        try:
+            ds = datasets.load_dataset(spec.hub.path, spec.hub.name, split=split)
+        except Exception as error:
+            raise DataError(_hub_hint(spec) + f" (loading split {split!r} failed: {type(error).__name__}: "
+                                              f"{error})") from error
+        pools[role] = _examples(spec, spec.hub, ds.to_list(), role, f"{_hub_label(spec)}[{split}]")
+    if "test" not in pools:
+        raise DataError(f"task {spec.name}: hub.splits names no 'test' split")
+    return pools
+
+
+# --------------------------------------------------------------------------- rows -> examples
+
+
+def get_path(row: Any, path: str) -> Any:
+    """`row["a"]["b"][0]` for the path "a.b.0"; a KeyError/IndexError when it does not exist."""
+    if isinstance(row, dict) and path in row:
+        return row[path]
+    value = row
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
+    return value
+
+
+def _examples(spec: TaskSpec, src: SourceSpec, rows: list[dict], role: str, where: str) -> list[dict]:
+    if not rows:
+        raise DataError(f"task {spec.name}: the {role} split ({where}) has no rows")
+    split = spec.split_name(role)
+    if src.label_map:
+        bad = sorted(set(src.label_map.values()) - set(spec.label_names))
+        if bad:
+            raise DataError(f"task {spec.name}: label_map values {bad} are not in label_names {spec.label_names}")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        try:
+            ex = _example(spec, src, row, i, split)
+        except (KeyError, IndexError, TypeError) as error:
+            raise DataError(f"task {spec.name}: row {i} of {where} lacks a configured field ({error!r}); "
+                            f"its columns: {sorted(row)}; configured fields: {src.fields}") from error
+        if ex["uid"] in seen:
+            raise DataError(f"task {spec.name}: duplicate uid {ex['uid']} in {where}; fix fields.uid")
+        seen.add(ex["uid"])
+        out.append(ex)
+    return out
+
+
+def _text(row: dict, spec_field: Any) -> str | None:
+    if spec_field is None:
+        return None
+    if isinstance(spec_field, (list, tuple)):
+        return " ".join(str(get_path(row, c)).strip() for c in spec_field).strip()
+    value = get_path(row, spec_field)
+    return "" if value is None else str(value).strip()
+
+
+def _example(spec: TaskSpec, src: SourceSpec, row: dict, index: int, split: str) -> dict:
+    f = src.fields
+    uid_field = f.get("uid")
+    if uid_field is None:
+        uid = str(index)
+    elif isinstance(uid_field, (list, tuple)):
+        uid = "-".join(str(get_path(row, c)) for c in uid_field)
+    else:
+        uid = str(get_path(row, uid_field))
+    uid = f"{spec.name}/{split}/{uid}"
+    ex: dict[str, Any] = {"uid": uid, "text_a": _text(row, f["text_a"]), "text_b": _text(row, f.get("text_b")),
+                          "label": None, "choices": None, "target": None}
+    if spec.kind == "multiple_choice":
+        ex["choices"] = [str(get_path(row, c)) for c in f["choices"]]
+    if spec.kind == "generation":
+        if f.get("target") is not None:
+            target = get_path(row, f["target"])
+            ex["target"] = None if target is None else str(target)
+    else:
+        ex["label"] = _label(spec, src, get_path(row, f["label"]), uid)
+    for key, column in (f.get("extra") or {}).items():
+        ex[key] = get_path(row, column)
+    ex["raw"] = row
+    return ex
+
+
+def _label(spec: TaskSpec, src: SourceSpec, value: Any, uid: str) -> int | float:
+    if spec.kind == "regression":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise DataError(f"task {spec.name}: example {uid} has a non-numeric score {value!r}")
+        return number
+    key = normalise_label_key(value)
+    names = spec.label_names
+    if src.label_map and key in src.label_map:
+        return names.index(src.label_map[key])
+    lowered = [n.lower() for n in names]
+    if key in lowered:
+        return lowered.index(key)
+    if not src.label_map and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value  # Hub ClassLabel ints, in label_names order
+    raise DataError(f"task {spec.name}: example {uid} has label {value!r}, outside the label set {names}"
+                    + (f" (label_map {src.label_map})" if src.label_map else ""))

@@ -1,0 +1,126 @@
+"""The LightningModule: trains whatever the method left trainable, evaluates on dev each
+epoch, keeps the best dev epoch's trained state, and tests that state (the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from gem.methods.base import Method
+from gem.metrics import build_metrics
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier on the base LR per optimizer step: linear warmup, then constant or linear decay."""
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"optim.scheduler={schedule!r} is unknown; use constant or linear")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        remaining = max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
+
+    return factor
+
+
+class FineTuneModule(L.LightningModule):
+    """Head path: sequence classification, regression and multiple choice with a task head."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, *, task_kind: str, metric_names: list[str],
+                 num_labels: int, optim: dict[str, Any]):
+        super().__init__()
+        # Hugging Face models load in eval mode; Lightning keeps each module's mode, so
+        # switch to train mode here or dropout would stay off for the whole run.
+        self.model = model.train()
+        self.method = method
+        self.task_kind = task_kind
+        self.main_metric = metric_names[0]
+        self.optim = dict(optim)
+        metrics = build_metrics(metric_names, task_kind, num_labels)
+        self.dev_metrics = metrics.clone(prefix="dev/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.history: list[dict[str, float]] = []   # dev metrics per epoch
+        self.best_epoch: int | None = None
+        self.best_dev: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.test_results: dict[str, float] = {}
+
+    # --- steps ---------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"lower optim.lr (now {self.optim['lr']}) or use trainer.precision=32-true")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.task_kind == "regression":
+            return logits.squeeze(-1).float()
+        return logits.argmax(dim=-1)
+
+    def _evaluate(self, batch, metrics, loss_name: str):
+        out = self(batch)
+        metrics.update(self._predictions(out.logits), batch["labels"])
+        self.log(loss_name, out.loss, on_epoch=True, batch_size=len(batch["labels"]))
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.dev_metrics, "dev/loss")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics, "test/loss")
+
+    # --- epoch ends: best-epoch bookkeeping ---------------------------------------------
+    def on_validation_epoch_end(self):
+        values = {k: float(v) for k, v in self.dev_metrics.compute().items()}
+        self.dev_metrics.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict(values, prog_bar=True)
+        epoch = self.current_epoch
+        self.history.append({"epoch": epoch, **values})
+        score = values[f"dev/{self.main_metric}"]
+        best = self.best_dev.get(f"dev/{self.main_metric}", -math.inf)
+        # NaN (e.g. a correlation of a constant prediction) never counts as best.
+        if self.best_epoch is None or (not math.isnan(score) and score > best):
+            self.best_epoch, self.best_dev = epoch, values
+            self.best_state = {k: v.clone() for k, v in self.method.state_to_save(self.model).items()}
+        self.log("dev/best_" + self.main_metric, self.best_dev[f"dev/{self.main_metric}"])
+
+    def on_test_epoch_end(self):
+        self.test_results = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.test_metrics.reset()
+        self.log_dict(self.test_results)
+
+    def restore_best(self) -> None:
+        """Load the best dev epoch's trained state back into the model before testing."""
+        if self.best_state is not None:
+            self.method.load_saved(self.model, self.best_state)
+
+    # --- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = self.method.optimizer_param_groups(self.model, self.optim["weight_decay"])
+        if not groups:
+            raise RuntimeError(f"method {self.method.name} left no trainable parameter; nothing to optimise")
+        optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+                                      eps=self.optim["eps"])
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(self.optim.get("warmup_ratio", 0.0) * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.optim.get("scheduler", "constant"), warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,132 @@
+"""The Lightning glue of GEM: gradient pass -> scores -> budgets -> masks, before the first step.
+
+Runs in `setup("fit")`, which Lightning calls after the process group exists (DDP) and
+before `configure_optimizers`, so the optimizer is built over the injected deltas only.
+At the end of training it measures, against a copy of the pre-trained weights, how many
+entries changed outside the mask (must be 0) and inside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from gem.core.gradient_pass import accumulate_gradients, all_reduce_sums
+from gem.core.sparse_linear import materialize, sparse_modules
+
+log = logging.getLogger(__name__)
+
+
+class SparseSelection(L.Callback):
+    def __init__(self, method, datamodule, *, record=None, run_dir: str | Path | None = None, seed: int = 0):
+        self.method = method
+        self.datamodule = datamodule
+        self.record = record
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.seed = seed
+        self.reference: dict[str, torch.Tensor] = {}
+        self.summary: dict = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.method.selected:
+            return
+        model = pl_module.model
+        model.to(trainer.strategy.root_device)
+        if self.method.options["verify_untouched"]:
+            # Pre-trained values of everything the method must not change (CPU copy).
+            self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                              if not self.method._is_head(n)}
+        start = time.perf_counter()
+        grads, seen = None, 0
+        if self.method.needs_gradients:
+            batches = self.datamodule.gradient_pass_dataloader(int(self.method.options["num_grad_samples"]))
+            grads, seen = accumulate_gradients(model, batches, self.method.target_weights(model),
+                                               squared_per_example=self.method.options["score"] == "fisher")
+            grads, seen = all_reduce_sums(grads, seen)
+        gradient_pass_s = time.perf_counter() - start
+        start = time.perf_counter()
+        masks = self.method.select(model, grads, seen, seed=self.seed)
+        selection_math_s = time.perf_counter() - start
+        tuned = sum(m.numel() for m in masks.values())
+        self.summary = {
+            "budget": self.method.total_budget, "tuned": tuned, "gradient_samples": seen,
+            "budgets": dict(self.method.budgets), "gradient_pass_s": round(gradient_pass_s, 3),
+            "selection_math_s": round(selection_math_s, 3),
+            "delta_init": self.method.options["delta_init"], "threshold": self.method.options["threshold"],
+        }
+        log.info("%s: %d entries selected of K=%d over %d matrices (gradient pass %.1fs on %d examples)",
+                 self.method.name, tuned, self.method.total_budget, len(masks), gradient_pass_s, seen)
+        self._save_allocation(trainer)
+        self._update_record()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.reference:
+            return
+        model = pl_module.model
+        materialize(model)
+        masks = {name: module.indices for name, module in sparse_modules(model)}
+        outside = inside = 0
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, before in self.reference.items():
+            after = params[name].detach().cpu()
+            changed = after.ne(before).view(-1)
+            module_name = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and module_name in masks:
+                in_mask = torch.zeros_like(changed)
+                in_mask[masks[module_name].cpu()] = True
+                inside += int((changed & in_mask).sum())
+                outside += int((changed & ~in_mask).sum())
+            else:
+                outside += int(changed.sum())
+        self.summary.update(changed_outside_mask=outside, changed_inside_mask=inside)
+        if outside:
+            log.error("%d entries changed outside the mask: the sparse training is broken", outside)
+        self._update_record()
+
+    def _update_record(self) -> None:
+        if self.record is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            self.record.update(gem=self.summary)
+
+    def _save_allocation(self, trainer: L.Trainer) -> None:
+        if self.run_dir is None or trainer.global_rank != 0 or not self.method.allocation:
+            return
+        rows = self.method.allocation
+        csv_path = self.run_dir / "allocation.csv"
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        png_path = plot_allocation(rows, self.run_dir / "allocation.png", title=self.method.name)
+        logger = trainer.logger
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            logger.log_image("gem/allocation", [str(png_path)])
+            logger.log_table("gem/allocation_table", columns=list(rows[0]),
+                             data=[[r[c] for c in rows[0]] for r in rows])
+
+
+def plot_allocation(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Per eligible matrix: its budget, and (where defined) ||r|| and H, as three bar rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"].replace(".attention.self", "").replace("encoder.layer.", "L").replace("model.layers.", "L")
+             for r in rows]
+    panels = [k for k in ("budget", "r_norm", "entropy") if k in rows[0]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.35 * len(rows)), 2.2 * len(panels)), sharex=True)
+    axes = [axes] if len(panels) == 1 else axes
+    for ax, key in zip(axes, panels):
+        ax.bar(range(len(rows)), [float(r[key]) for r in rows], color="tab:blue")
+        ax.set_ylabel(key)
+    axes[-1].set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+    axes[0].set_title(f"{title}: per-matrix allocation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

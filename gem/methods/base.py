@@ -1,0 +1,137 @@
+"""The one interface every fine-tuning method implements.
+
+A method turns a pre-trained model into one where only its own parameters train,
+says how many entries it tunes, builds the optimizer's parameter groups and saves
+and reloads exactly what trained. The task head that an encoder needs (the newly
+initialised classifier) trains with every method and is counted apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEAD_PREFIX_KEY = "head_parameter_names"
+
+
+class MethodError(ValueError):
+    """A method cannot be applied as configured; the message says how to fix it."""
+
+
+class Method:
+    """Base class. Subclasses override `prepare` and `method_parameter_names`."""
+
+    name: str = "base"
+
+    def __init__(self, target_modules: Iterable[str] | None = None, **options):
+        self.target_modules = list(target_modules or [])
+        self.options = options
+        # Names of the newly initialised task-head parameters (set by `prepare`).
+        self.head_parameter_names: set[str] = set()
+
+    # --- preparing the model -------------------------------------------------
+    def prepare(self, model: nn.Module, head_parameter_names: Iterable[str] = ()) -> nn.Module:
+        """Freeze / wrap / inject; return the model to train (may be a new wrapper)."""
+        self.head_parameter_names = set(head_parameter_names)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in self.head_parameter_names or self.is_method_parameter(name))
+        return model
+
+    def is_method_parameter(self, name: str) -> bool:
+        """Whether a (non-head) parameter of the prepared model belongs to the method."""
+        raise NotImplementedError
+
+    # --- counting --------------------------------------------------------------
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def head_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if self._is_head(n))
+
+    def tuned_count(self, model: nn.Module) -> int:
+        """Entries the method tunes, the task head excluded."""
+        return sum(p.numel() for n, p in self.trainable_parameters(model) if not self._is_head(n))
+
+    def _is_head(self, name: str) -> bool:
+        return name in self.head_parameter_names or any(name.endswith("." + h) for h in self.head_parameter_names)
+
+    # --- optimisation ------------------------------------------------------------
+    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on biases and norms (the usual convention)."""
+        decay, no_decay = [], []
+        for name, param in self.trainable_parameters(model):
+            (no_decay if param.ndim <= 1 or "norm" in name.lower() else decay).append(param)
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    # --- saving only what trained ------------------------------------------------
+    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters(model)}
+
+    def load_saved(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise MethodError(
+                f"{self.name}: checkpoint holds {len(missing)} tensors the model does not have "
+                f"(first: {missing[0]!r}); was it saved for another model or method?"
+            )
+        with torch.no_grad():
+            for n, t in state.items():
+                if params[n].shape != t.shape:
+                    raise MethodError(f"{self.name}: shape mismatch for {n}: {tuple(t.shape)} vs {tuple(params[n].shape)}")
+                params[n].copy_(t)
+
+    def save(self, model: nn.Module, directory: str | Path, extra_config: dict | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_to_save(model), str(directory / "trained.safetensors"))
+        config = {"method": self.name, "target_modules": self.target_modules, **self.options,
+                  HEAD_PREFIX_KEY: sorted(self.head_parameter_names), **(extra_config or {})}
+        (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))
+        return directory
+
+    def load(self, model: nn.Module, directory: str | Path) -> None:
+        path = Path(directory) / "trained.safetensors"
+        if not path.exists():
+            raise MethodError(f"{self.name}: no checkpoint at {path}")
+        self.load_saved(model, load_file(str(path)))
+
+    def callbacks(self, **context) -> list:
+        """Lightning callbacks the method needs (GEM: the gradient pass before training)."""
+        return []
+
+    def describe(self) -> dict:
+        """Settings recorded in the run record."""
+        return {"name": self.name, "target_modules": self.target_modules, **self.options}
+
+
+def find_target_linears(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Linear]:
+    """Linear layers whose name ends with one of `target_modules` (PEFT's convention).
+
+    Raises a clear error when nothing matches, so a typo in a model config or a model
+    without the target projections never trains silently with an empty method.
+    """
+    targets = list(target_modules)
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    }
+    if not found:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise MethodError(
+            f"target modules {targets} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {linear_names}. Set model.target_modules (or "
+            f"method.target_modules) to the right names."
+        )
+    return found

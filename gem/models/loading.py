@@ -1,0 +1,190 @@
+"""Load a pre-trained model and its tokenizer for a task, as a model config describes it.
+
+Encoders get a task head (sequence classification / regression / multiple choice) whose
+newly initialised parameters are reported in ``head_parameter_names``; decoders are
+loaded as causal language models (the task is posed as text), with no new parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from gem.models.packaged import (
+    ModelLoadError,
+    model_cfg_to_dict,
+    model_kind,
+    pretrained_id,
+    resolve_model_source,
+)
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "normalize_task_kind", "new_parameter_names"]
+
+_TASK_ALIASES = {
+    "classification": "classification",
+    "single_label_classification": "classification",
+    "cls": "classification",
+    "seq_cls": "classification",
+    "regression": "regression",
+    "multiple_choice": "multiple_choice",
+    "multiple-choice": "multiple_choice",
+    "multiplechoice": "multiple_choice",
+    "mc": "multiple_choice",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    # Names (as in model.named_parameters()) of the newly initialised task-head parameters.
+    head_parameter_names: list[str]
+    # Number of distinct parameter entries (tied weights counted once).
+    num_parameters: int
+    # Where the weights came from: a local folder or a Hub id.
+    source: str
+    kind: str = "encoder"
+    # The config's `pretrained` value (e.g. "packaged:minilm", "roberta-base", "tiny:llama").
+    pretrained: str = ""
+    extras: dict = field(default_factory=dict)
+
+
+def normalize_task_kind(task_kind: str) -> str:
+    key = str(task_kind).strip().lower()
+    return _TASK_ALIASES.get(key, key)
+
+
+def new_parameter_names(model: nn.Module, missing_keys: Iterable[str]) -> list[str]:
+    """Map ``missing_keys`` from ``from_pretrained(..., output_loading_info=True)`` to parameter names.
+
+    Buffers are dropped, and so is a parameter tied to one that was loaded (it is not new).
+    The result follows ``model.named_parameters()`` order.
+    """
+    names = [n for n, _ in model.named_parameters()]  # tied parameters appear once
+    name_set = set(names)
+    wanted: set[str] = set()
+    for key in missing_keys:
+        if key in name_set:
+            wanted.add(key)
+            continue
+        # A key whose prefix differs from the module's (base-model prefix added or dropped).
+        matches = [n for n in names if n.endswith("." + key) or key.endswith("." + n)]
+        if len(matches) == 1:
+            wanted.add(matches[0])
+    return [n for n in names if n in wanted]
+
+
+def _ensure_pad_token(tokenizer, kind: str) -> None:
+    if tokenizer is None or getattr(tokenizer, "pad_token", None) is not None:
+        return
+    for candidate in ("eos_token", "sep_token", "unk_token", "bos_token"):
+        token = getattr(tokenizer, candidate, None)
+        if token is not None:
+            tokenizer.pad_token = token
+            return
+    raise ModelLoadError(f"The tokenizer of this {kind} has no pad, eos, sep, unk or bos token to pad with.")
+
+
+def _set_pad_token_id(model: nn.Module, tokenizer) -> None:
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        return
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "pad_token_id", None) is None:
+        gen.pad_token_id = pad_id
+
+
+def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: list[str] | None = None) -> LoadedModel:
+    """Load the model a config names, shaped for ``task_kind``.
+
+    * encoder + ``classification``: AutoModelForSequenceClassification with ``num_labels``
+      (``label_names`` fill id2label / label2id);
+    * encoder + ``regression``: the same with one output and ``problem_type="regression"``;
+    * encoder + ``multiple_choice``: AutoModelForMultipleChoice;
+    * decoder (any task): AutoModelForCausalLM; the tokenizer gets a pad token (its eos)
+      if it has none. Padding side is left to the caller.
+
+    Weights are float32 unless the config sets ``dtype``. ``trust_remote_code`` is passed
+    only when the config sets it. Raises ``ModelLoadError`` with advice when the model
+    cannot be found (e.g. a Hub id while offline).
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMultipleChoice,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    cfg = model_cfg_to_dict(model_cfg)
+    pretrained = pretrained_id(cfg)
+    kind = model_kind(cfg)
+    task = normalize_task_kind(task_kind)
+    source, kwargs = resolve_model_source(cfg)
+    remote = {k: kwargs[k] for k in ("trust_remote_code", "revision", "local_files_only") if k in kwargs}
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        if kind == "decoder":
+            model_cls = AutoModelForCausalLM
+            extra: dict[str, Any] = {}
+        else:
+            config_kwargs: dict[str, Any] = {}
+            if task == "classification":
+                n = int(num_labels)
+                if n < 2:
+                    raise ModelLoadError(f"classification needs num_labels >= 2, got {num_labels}.")
+                config_kwargs.update(num_labels=n, problem_type="single_label_classification")
+                if label_names is not None:
+                    if len(label_names) != n:
+                        raise ModelLoadError(f"{len(label_names)} label names for {n} labels.")
+                    config_kwargs["id2label"] = {i: str(name) for i, name in enumerate(label_names)}
+                    config_kwargs["label2id"] = {str(name): i for i, name in enumerate(label_names)}
+                model_cls = AutoModelForSequenceClassification
+            elif task == "regression":
+                config_kwargs.update(num_labels=1, problem_type="regression")
+                model_cls = AutoModelForSequenceClassification
+            elif task == "multiple_choice":
+                model_cls = AutoModelForMultipleChoice
+            else:
+                raise ModelLoadError(
+                    f"An encoder cannot do task kind {task_kind!r}; use classification, regression or "
+                    "multiple_choice, or a decoder model."
+                )
+            config = AutoConfig.from_pretrained(source, **remote, **config_kwargs)
+            extra = {"config": config}
+        model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs, **extra)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"Could not load model {pretrained!r} from {source!r}: {exc}\nOffline, use a packaged model "
+            "(model=minilm or model=smollm2-135m); otherwise check the id and your network."
+        ) from exc
+
+    _ensure_pad_token(tokenizer, kind)
+    _set_pad_token_id(model, tokenizer)
+
+    head = new_parameter_names(model, info.get("missing_keys", ()))
+    if kind == "decoder" and head:
+        # A causal LM checkpoint should cover every parameter; say so loudly but go on.
+        import warnings
+
+        warnings.warn(f"{pretrained}: parameters not in the checkpoint were initialised randomly: {head}")
+    num_parameters = sum(p.numel() for p in model.parameters())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        head_parameter_names=head,
+        num_parameters=num_parameters,
+        source=str(source),
+        kind=kind,
+        pretrained=pretrained,
+        extras={"task_kind": task, "loading_info": {k: sorted(v) for k, v in info.items() if k != "error_msgs"}},
+    )

@@ -1,0 +1,161 @@
+"""The run record: one `results.json` per run, written atomically.
+
+Tables are rebuilt from these records, so a record is flat enough for pandas and
+complete enough to regroup runs without rerunning anything. `status` is `completed`
+only when the run finished; a crashed run leaves `running` or `failed` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RECORD_NAME = "results.json"
+RECORD_VERSION = 1
+_PACKAGES = ("torch", "lightning", "transformers", "datasets", "peft", "hydra-core", "wandb", "torchmetrics", "safetensors")
+# Keys that may hold secrets; they never reach a record.
+_SECRET_HINTS = ("api_key", "apikey", "token", "password", "secret")
+
+
+class RecordError(OSError):
+    """The record could not be written; nothing was left half-written."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The project's commit, with `+dirty` when the tree has uncommitted changes."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def redact_secrets(value: Any) -> Any:
+    """Drop values under keys that look like credentials, at any depth."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact_secrets(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def write_json_atomically(path: str | Path, data: dict) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    A reader (the table command, a concurrent sweep) sees either the old record or
+    the new one, never a truncated file; a full disk raises `RecordError` and leaves
+    the previous record in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise RecordError(f"could not write the run record {path}: {error}. Free disk space or "
+                          f"point hydra.run.dir at a writable folder.") from error
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+class RunRecord:
+    """Accumulates a run's facts and rewrites `results.json` whenever they change."""
+
+    def __init__(self, run_dir: str | Path, *, method: str, task: str, model: str, seed: int, config: dict):
+        self.path = Path(run_dir) / RECORD_NAME
+        self.data: dict[str, Any] = {
+            "record_version": RECORD_VERSION,
+            "status": "running",
+            "method": method,
+            "task": task,
+            "model": model,
+            "seed": seed,
+            "metrics": {},
+            "params": {},
+            "time_s": {},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+            "config": redact_secrets(config),
+        }
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.write()
+
+    def write(self) -> Path:
+        return write_json_atomically(self.path, self.data)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a phase (`load`, `selection`, `train`, `test`, ...) into `time_s`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data["time_s"][name] = round(time.perf_counter() - start, 3)
+
+    def finish(self, status: str = "completed", error: str | None = None) -> Path:
+        self.data["status"] = status
+        self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if error:
+            self.data["error"] = error
+        return self.write()
+
+
+def read_record(path: str | Path) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def find_records(*roots: str | Path) -> list[Path]:
+    """Every results.json under the given folders (a record path itself is accepted)."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file() and root.name == RECORD_NAME:
+            found.append(root)
+        elif root.is_dir():
+            found.extend(sorted(root.rglob(RECORD_NAME)))
+    return found

@@ -1,0 +1,149 @@
+"""One run: task -> model -> method -> Lightning fit/test -> run record.
+
+`run.py` only calls `run(cfg)`. Everything here is glue: the method's math lives in
+`gem.core`, the methods in `gem.methods`, data in `gem.data`, models in `gem.models`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from gem.data import encoder_collator, load_task
+from gem.lit.datamodule import TaskDataModule
+from gem.lit.module import FineTuneModule
+from gem.methods import build_method
+from gem.models import load_model
+from gem.records import RunRecord
+
+log = logging.getLogger(__name__)
+
+# Method-config keys that are run settings, not constructor options of the method.
+_RUN_KEYS = {"name", "lr", "target_modules"}
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    """Instantiate the configured Lightning logger; wandb is offline unless the user opts in."""
+    if cfg.logger is None or cfg.logger.get("_target_") is None:
+        return False
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if logger_cfg["_target_"].endswith("WandbLogger"):
+        online = os.environ.get("WANDB_MODE") == "online" or not logger_cfg.get("offline", True)
+        logger_cfg["offline"] = not online
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if online:
+            os.environ["WANDB_MODE"] = "online"
+            if not _wandb_key_available():
+                raise RuntimeError("wandb is set online (logger.offline=false or WANDB_MODE=online) but no API key "
+                                   "is configured: run `wandb login` or set WANDB_API_KEY, or stay offline "
+                                   "(the default) and `wandb sync` the run folder later")
+        else:
+            os.environ["WANDB_MODE"] = "offline"
+        Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
+    return hydra.utils.instantiate(logger_cfg)
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _finish_wandb() -> None:
+    """Close the wandb run so the next job of a multirun starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def method_options(method_cfg: DictConfig) -> dict[str, Any]:
+    options = OmegaConf.to_container(method_cfg, resolve=True)
+    return {k: v for k, v in options.items() if k not in _RUN_KEYS}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and test one configuration; return the finished record's data."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,
+                       seed=int(cfg.seed), config=OmegaConf.to_container(cfg, resolve=True))
+    record.write()
+    started = time.perf_counter()
+    try:
+        summary = _run(cfg, run_dir, record)
+    except BaseException as error:  # record why, then let Hydra/the caller see the error
+        record.data["traceback"] = traceback.format_exc(limit=20)
+        record.finish("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        _finish_wandb()
+    record.data["time_s"]["total"] = round(time.perf_counter() - started, 3)
+    record.finish("completed")
+    log.info(summary)
+    print(summary)
+    return record.data
+
+
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
+    L.seed_everything(int(cfg.seed), workers=True)
+    with record.phase("load"):
+        task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
+        loaded = load_model(cfg.model, task.kind, task.num_labels)
+        target_modules = list(cfg.method.get("target_modules") or cfg.model.target_modules)
+        method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
+        model = method.prepare(loaded.model, loaded.head_parameter_names)
+    record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": task.notes},
+                  method_settings=method.describe())
+    for note in task.notes:
+        log.warning(note)
+
+    datamodule = TaskDataModule(task, encoder_collator(loaded.tokenizer, task, int(cfg.task.max_length)),
+                                batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
+                                seed=int(cfg.seed), num_workers=int(cfg.num_workers))
+    module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
+                            num_labels=task.num_labels, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_logger(cfg, run_dir), callbacks=callbacks)
+
+    with record.phase("fit"):
+        trainer.fit(module, datamodule=datamodule)
+    module.restore_best()
+    with record.phase("test"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+
+    total = loaded.num_parameters
+    tuned = method.tuned_count(model)
+    params = {"total": total, "trainable": sum(p.numel() for _, p in method.trainable_parameters(model)),
+              "tuned": tuned, "head": method.head_count(model), "tuned_pct": 100.0 * tuned / total}
+    metrics = {**module.best_dev, **module.test_results}
+    record.update(metrics=metrics, params=params, best_epoch=module.best_epoch, history=module.history)
+    if cfg.save_checkpoint:
+        with record.phase("save"):
+            checkpoint = method.save(model, run_dir / "checkpoint",
+                                     extra_config={"base_model": cfg.model.pretrained, "task": task.name})
+        record.data["checkpoint"] = str(checkpoint)
+    if trainer.logger:
+        trainer.logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        trainer.logger.log_hyperparams({"params": params})
+        if hasattr(trainer.logger, "experiment") and hasattr(trainer.logger.experiment, "summary"):
+            trainer.logger.experiment.summary.update({**metrics, **{f"params/{k}": v for k, v in params.items()}})
+    main = f"test/{task.main_metric}"
+    record.data["main_metric"] = main
+    return (f"[gem] {task.name} | {method.name} | {cfg.model.name} | seed {cfg.seed} | "
+            f"{main}={metrics.get(main, float('nan')):.4f} (best dev epoch {module.best_epoch}) | "
+            f"tuned {tuned:,} = {params['tuned_pct']:.4f}% of {total:,}")

@@ -1,0 +1,17 @@
+"""Entry point: `python run.py method=gem task=sst2` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from gem.train import run  # imported here so `--help` and config errors answer fast
+
+    record = run(cfg)
+    # The dev score is what a Hydra sweeper should optimise (never the test score).
+    return record["metrics"].get(record["main_metric"].replace("test/", "dev/"))
+
+
+if __name__ == "__main__":
+    main()
