@@ -63,6 +63,14 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
+def process_rank() -> int:
+    """This process's global rank under DDP/torchrun/SLURM launches (0 when not distributed)."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
+
+
 def write_json_atomically(path: str | Path, data: dict) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over the target.
 
@@ -125,6 +133,9 @@ class RunRecord:
         self.write()
 
     def write(self) -> Path:
+        # Under DDP every rank runs the same code; only rank 0 writes, so the record exists once.
+        if process_rank() != 0:
+            return self.path
         return write_json_atomically(self.path, self.data)
 
     @contextmanager

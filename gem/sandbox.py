@@ -526,6 +526,15 @@ def _run(code, tests, setup, timeout_s, memory_mb, max_processes, max_file_mb, w
                     hide.append(closed)
             expose = [p for p in prefixes if any(_is_under(p, h) for h in hide)]
 
+        if drop and not use_mountns:
+            closed = _first_closed_ancestor(exe) or _first_closed_ancestor(work)
+            if closed:
+                return SandboxResult(
+                    False, "error",
+                    f"sandbox unusable: {closed!r} is not traversable by the unprivileged sandbox uid and "
+                    "no mount namespace is available to expose the interpreter/workdir; pass python= an "
+                    "interpreter installed in a world-readable location",
+                    time.monotonic() - t0, "", {"filesystem": "permissions-only", "error": "interpreter not accessible"})
         token = token_hex(16)
         stdin_path = os.path.join(base, "stdin.json")
         with open(os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
@@ -615,7 +624,10 @@ def _classify(timed_out: bool, rc: int | None, raw: bytes, token: str, iso: dict
             return "error", "result channel corrupted (no valid report carrying the run token)"
     if rc is not None and rc < 0:
         sig = -rc
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         if sig == signal.SIGXCPU:
             return "timeout", "CPU time limit exceeded (SIGXCPU)"
         why = {signal.SIGKILL: "memory/CPU limit or external kill", signal.SIGXFSZ: "file size limit",

@@ -18,7 +18,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from gem.data import encoder_collator, load_task
+from gem.data.causal_collate import causal_collator
 from gem.lit.datamodule import TaskDataModule
+from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.methods import build_method
 from gem.models import load_model
@@ -40,17 +42,15 @@ def build_logger(cfg: DictConfig, run_dir: Path):
         return False
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     if logger_cfg["_target_"].endswith("WandbLogger"):
+        # Decide per run and pass it to the logger; the process environment is left alone so
+        # one job of a multirun cannot switch the next ones online.
         online = os.environ.get("WANDB_MODE") == "online" or not logger_cfg.get("offline", True)
         logger_cfg["offline"] = not online
         os.environ.setdefault("WANDB_SILENT", "true")
-        if online:
-            os.environ["WANDB_MODE"] = "online"
-            if not _wandb_key_available():
-                raise RuntimeError("wandb is set online (logger.offline=false or WANDB_MODE=online) but no API key "
-                                   "is configured: run `wandb login` or set WANDB_API_KEY, or stay offline "
-                                   "(the default) and `wandb sync` the run folder later")
-        else:
-            os.environ["WANDB_MODE"] = "offline"
+        if online and not _wandb_key_available():
+            raise RuntimeError("wandb is set online (logger.offline=false or WANDB_MODE=online) but no API key "
+                               "is configured: run `wandb login` or set WANDB_API_KEY, or stay offline "
+                               "(the default) and `wandb sync` the run folder later")
         Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
     return hydra.utils.instantiate(logger_cfg)
 
@@ -101,6 +101,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     L.seed_everything(int(cfg.seed), workers=True)
+    logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
@@ -112,13 +113,25 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     for note in task.notes:
         log.warning(note)
 
-    datamodule = TaskDataModule(task, encoder_collator(loaded.tokenizer, task, int(cfg.task.max_length)),
-                                batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if loaded.kind == "decoder":  # prompts + candidate scoring / generation (gem.lit.causal_module)
+        generation = OmegaConf.to_container(cfg.task.generation, resolve=True) if cfg.task.get("generation") else {}
+        max_length = int(cfg.model.get("max_length") or cfg.task.max_length)
+        collate = causal_collator(loaded.tokenizer, task, max_length, int(generation.get("max_new_tokens", 0)))
+        module = CausalLMModule(model, method, task_name=task.name, task_kind=task.kind,
+                                metric_names=list(task.metrics), num_labels=task.num_labels, optim=optim,
+                                tokenizer=loaded.tokenizer, generation=generation)
+    else:
+        collate = encoder_collator(loaded.tokenizer, task, int(cfg.task.max_length))
+        module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
+                                num_labels=task.num_labels, optim=optim)
+    datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers))
-    module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
-                            num_labels=task.num_labels, optim=OmegaConf.to_container(cfg.optim, resolve=True))
     callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_logger(cfg, run_dir), callbacks=callbacks)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if trainer.logger:
+        # The resolved config (secrets removed), so wandb filters like config.task.name work.
+        trainer.logger.log_hyperparams(record.data["config"])
 
     with record.phase("fit"):
         trainer.fit(module, datamodule=datamodule)
@@ -142,6 +155,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
         trainer.logger.log_hyperparams({"params": params})
         if hasattr(trainer.logger, "experiment") and hasattr(trainer.logger.experiment, "summary"):
             trainer.logger.experiment.summary.update({**metrics, **{f"params/{k}": v for k, v in params.items()}})
+        # The trainer already finalized its logger; buffering loggers (CSV) must flush these final rows.
+        trainer.logger.save()
     main = f"test/{task.main_metric}"
     record.data["main_metric"] = main
     return (f"[gem] {task.name} | {method.name} | {cfg.model.name} | seed {cfg.seed} | "

@@ -34,61 +34,46 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-class FineTuneModule(L.LightningModule):
-    """Head path: sequence classification, regression and multiple choice with a task head."""
+class BestEpochModule(L.LightningModule):
+    """What every path shares: the training step over `batch_loss`, best-dev-epoch bookkeeping
+    (history, best_epoch, best_dev, best_state via `method.state_to_save`), `restore_best`, and
+    the AdamW optimizer + LR schedule. Subclasses define `batch_loss` and the evaluation steps,
+    and call `_dev_epoch_done` / `_test_epoch_done` with their metric values."""
 
-    def __init__(self, model: torch.nn.Module, method: Method, *, task_kind: str, metric_names: list[str],
-                 num_labels: int, optim: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, method: Method, *, main_metric: str, optim: dict[str, Any]):
         super().__init__()
         # Hugging Face models load in eval mode; Lightning keeps each module's mode, so
         # switch to train mode here or dropout would stay off for the whole run.
         self.model = model.train()
         self.method = method
-        self.task_kind = task_kind
-        self.main_metric = metric_names[0]
+        self.main_metric = main_metric
         self.optim = dict(optim)
-        metrics = build_metrics(metric_names, task_kind, num_labels)
-        self.dev_metrics = metrics.clone(prefix="dev/")
-        self.test_metrics = metrics.clone(prefix="test/")
         self.history: list[dict[str, float]] = []   # dev metrics per epoch
         self.best_epoch: int | None = None
         self.best_dev: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.test_results: dict[str, float] = {}
 
-    # --- steps ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.model(**batch)
+    def batch_loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        """The training loss of `model` on `batch` (GEM's gradient pass uses it too)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_size_of(batch) -> int:
+        return len(batch["labels"]) if "labels" in batch else len(batch["input_ids"])
 
     def training_step(self, batch, batch_idx):
-        loss = self(batch).loss
+        loss = self.batch_loss(self.model, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 f"lower optim.lr (now {self.optim['lr']}) or use trainer.precision=32-true")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
         return loss
 
-    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.task_kind == "regression":
-            return logits.squeeze(-1).float()
-        return logits.argmax(dim=-1)
-
-    def _evaluate(self, batch, metrics, loss_name: str):
-        out = self(batch)
-        metrics.update(self._predictions(out.logits), batch["labels"])
-        self.log(loss_name, out.loss, on_epoch=True, batch_size=len(batch["labels"]))
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, self.dev_metrics, "dev/loss")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, self.test_metrics, "test/loss")
-
     # --- epoch ends: best-epoch bookkeeping ---------------------------------------------
-    def on_validation_epoch_end(self):
-        values = {k: float(v) for k, v in self.dev_metrics.compute().items()}
-        self.dev_metrics.reset()
+    def _dev_epoch_done(self, values: dict[str, float]) -> None:
+        """Record one epoch's dev metrics ("dev/<name>"); keep the trained state if it is the best."""
         if self.trainer.sanity_checking:
             return
         self.log_dict(values, prog_bar=True)
@@ -102,9 +87,8 @@ class FineTuneModule(L.LightningModule):
             self.best_state = {k: v.clone() for k, v in self.method.state_to_save(self.model).items()}
         self.log("dev/best_" + self.main_metric, self.best_dev[f"dev/{self.main_metric}"])
 
-    def on_test_epoch_end(self):
-        self.test_results = {k: float(v) for k, v in self.test_metrics.compute().items()}
-        self.test_metrics.reset()
+    def _test_epoch_done(self, values: dict[str, float]) -> None:
+        self.test_results = values
         self.log_dict(self.test_results)
 
     def restore_best(self) -> None:
@@ -124,3 +108,48 @@ class FineTuneModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.optim.get("scheduler", "constant"), warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FineTuneModule(BestEpochModule):
+    """Head path: sequence classification, regression and multiple choice with a task head."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, *, task_kind: str, metric_names: list[str],
+                 num_labels: int, optim: dict[str, Any]):
+        super().__init__(model, method, main_metric=metric_names[0], optim=optim)
+        self.task_kind = task_kind
+        metrics = build_metrics(metric_names, task_kind, num_labels)
+        self.dev_metrics = metrics.clone(prefix="dev/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # --- steps ---------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model(**batch)
+
+    def batch_loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.task_kind == "regression":
+            return logits.squeeze(-1).float()
+        return logits.argmax(dim=-1)
+
+    def _evaluate(self, batch, metrics, loss_name: str):
+        out = self(batch)
+        metrics.update(self._predictions(out.logits), batch["labels"])
+        self.log(loss_name, out.loss, on_epoch=True, batch_size=len(batch["labels"]))
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.dev_metrics, "dev/loss")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics, "test/loss")
+
+    def on_validation_epoch_end(self):
+        values = {k: float(v) for k, v in self.dev_metrics.compute().items()}
+        self.dev_metrics.reset()
+        self._dev_epoch_done(values)
+
+    def on_test_epoch_end(self):
+        values = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.test_metrics.reset()
+        self._test_epoch_done(values)

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from gem.core.gradient_pass import accumulate_gradients, all_reduce_sums
+from gem.core.gradient_pass import accumulate_gradients, all_reduce_sums, training_loss
 from gem.core.sparse_linear import materialize, sparse_modules
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class SparseSelection(L.Callback):
         grads, seen = None, 0
         if self.method.needs_gradients:
             batches = self.datamodule.gradient_pass_dataloader(int(self.method.options["num_grad_samples"]))
-            grads, seen = accumulate_gradients(model, batches, self.method.target_weights(model),
+            # The same loss as training (the decoder path scores candidates, not model(**batch).loss).
+            loss_fn = getattr(pl_module, "batch_loss", None) or training_loss
+            grads, seen = accumulate_gradients(model, batches, self.method.target_weights(model), loss_fn=loss_fn,
                                                squared_per_example=self.method.options["score"] == "fisher")
             grads, seen = all_reduce_sums(grads, seen)
         gradient_pass_s = time.perf_counter() - start

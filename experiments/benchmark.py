@@ -1,0 +1,487 @@
+"""Efficiency benchmark: step time, peak memory, optimizer state and checkpoint size per method.
+
+Same model, same synthetic batch, for `full`, `bitfit`, `lora`, `adapter` and `gem`:
+
+* **step time** (forward + backward + optimizer.step + zero_grad): every method's model
+  lives in this one process and the timed steps are interleaved round-robin (the order
+  rotates each round), so background load on a shared machine hits all methods alike.
+  Warm-up steps first, then the median of `--steps` steps.
+* **peak memory**: one fresh subprocess per method (`--single METHOD`), so peaks never
+  mix. The child builds the model, prepares the method (GEM: selects its mask from the
+  gradient sums the parent computed), builds AdamW, then measures the *increase* of
+  memory over the state just before the first step during `--mem-steps` steps:
+  on CPU the RSS high-water mark (reset through /proc/self/clear_refs after
+  malloc_trim, so setup peaks do not count), on CUDA torch.cuda.max_memory_allocated
+  after reset_peak_memory_stats. The increase holds activations, gradients, optimizer
+  state and temporaries; the frozen weights (identical for every method) are reported
+  apart (`rss_before_bytes` / `mem_before_bytes`).
+* **optimizer state**: numel of every tensor in optimizer.state after one step
+  (`optimizer_state_numel`, AdamW step counters included), and of the moments of the
+  method's own parameters only (`optimizer_state_method_numel`, the task head excluded).
+* **checkpoint**: bytes of every file `method.save(model, dir)` writes.
+* **GEM**: the gradient pass (`--grad-batches` batches) and the selection math are
+  timed separately.
+
+    python experiments/benchmark.py                         # MiniLM, CPU, all methods
+    python experiments/benchmark.py --methods lora,gem --steps 20 --json results/bench.json
+    python experiments/benchmark.py --device cuda --precision bf16 --model roberta-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+ALL_METHODS = ["full", "bitfit", "lora", "adapter", "gem"]
+DEFAULT_MODEL = {"name": "minilm", "pretrained": "packaged:minilm", "kind": "encoder",
+                 "target_modules": ["query", "value"]}
+RESULT_PREFIX = "BENCH_RESULT "
+NUM_LABELS = 2
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm",
+                   help="a conf/model name (minilm, tiny-bert, ...), a YAML path, or a JSON object")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated method names")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
+    p.add_argument("--mem-steps", type=int, default=3, help="steps run by each memory subprocess")
+    p.add_argument("--grad-batches", type=int, default=4, help="batches in GEM's gradient pass")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing", default="interleaved", choices=["interleaved", "sequential"],
+                   help="interleaved: all models in memory, steps round-robin (fairest under noise); "
+                        "sequential: one model at a time (for models too large to hold five copies)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    # Internal: the memory subprocess.
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--grads-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.precision == "bf16" and args.device == "cpu":
+        print("note: bf16 autocast on CPU is supported but rarely faster", file=sys.stderr)
+    return args
+
+
+def model_config(spec: str) -> dict:
+    if spec.lstrip().startswith("{"):
+        return json.loads(spec)
+    path = Path(spec)
+    if not path.exists():
+        path = REPO / "conf" / "model" / f"{spec}.yaml"
+    if path.exists():
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    if spec == "minilm":
+        return dict(DEFAULT_MODEL)
+    raise SystemExit(f"--model {spec!r}: no such model config (conf/model/*.yaml, a YAML path or JSON)")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def make_batch(tokenizer, kind: str, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random ordinary-token ids from the tokenizer's vocabulary, full length, random labels."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    ids = allowed[torch.randint(0, allowed.numel(), (batch_size, seq_len), generator=g)]
+    if kind != "decoder":
+        if tokenizer.cls_token_id is not None:
+            ids[:, 0] = tokenizer.cls_token_id
+        if tokenizer.sep_token_id is not None:
+            ids[:, -1] = tokenizer.sep_token_id
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "decoder":
+        batch["labels"] = ids.clone()
+    else:
+        if "token_type_ids" in getattr(tokenizer, "model_input_names", []):
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        batch["labels"] = torch.randint(0, NUM_LABELS, (batch_size,), generator=g)
+    return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --- one method: build, step, measure ---------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(args, device: torch.device):
+    if args.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load(args, cfg: dict, device: torch.device):
+    from gem.models.loading import load_model
+
+    loaded = load_model(cfg, "classification", NUM_LABELS)
+    loaded.model.to(device)
+    return loaded
+
+
+def gradient_batches(args, tokenizer, kind: str) -> list[dict]:
+    return [make_batch(tokenizer, kind, args.batch_size, args.seq_len, args.seed + 1 + i)
+            for i in range(args.grad_batches)]
+
+
+def gem_gradient_pass(args, model, method, tokenizer, kind, device) -> tuple[dict, int, float]:
+    from gem.core.gradient_pass import accumulate_gradients
+
+    batches = [to_device(b, device) for b in gradient_batches(args, tokenizer, kind)]
+
+    def loss_fn(m, b):
+        with autocast(args, device):
+            return m(**b).loss
+
+    sync(device)
+    start = time.perf_counter()
+    grads, seen = accumulate_gradients(model, batches, method.target_weights(model), loss_fn=loss_fn)
+    sync(device)
+    return grads, seen, time.perf_counter() - start
+
+
+def build(args, cfg: dict, name: str, device: torch.device, grads_file: str | None = None) -> dict:
+    """A fresh model prepared for `name`, its AdamW, and (GEM) the selection timings."""
+    from gem.methods import build_method
+
+    torch.manual_seed(args.seed)
+    loaded = load(args, cfg, device)
+    method = build_method(name, cfg.get("target_modules"))
+    model = method.prepare(loaded.model, loaded.head_parameter_names)
+    info: dict[str, Any] = {}
+    if hasattr(method, "select"):  # GEM and the sparse ablations
+        if grads_file:
+            saved = torch.load(grads_file, map_location=device)
+            grads, seen = saved["grads"], saved["seen"]
+        else:
+            grads, seen, info["gradient_pass_s"] = gem_gradient_pass(args, model, method, loaded.tokenizer,
+                                                                     loaded.kind, device)
+            info["gradient_samples"] = seen
+        start = time.perf_counter()
+        method.select(model, grads, seen, seed=args.seed)
+        sync(device)
+        info["selection_math_s"] = time.perf_counter() - start
+        info["total_budget"] = method.total_budget
+        info["_grads"] = grads
+        info["_seen"] = seen
+    model.train()
+    optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.0), lr=args.lr)
+    batch = to_device(make_batch(loaded.tokenizer, loaded.kind, args.batch_size, args.seq_len, args.seed), device)
+    return {"name": name, "model": model, "method": method, "optimizer": optimizer, "batch": batch,
+            "info": info, "num_parameters": loaded.num_parameters}
+
+
+def train_step(args, state: dict, device: torch.device) -> float:
+    model, optimizer = state["model"], state["optimizer"]
+    sync(device)
+    start = time.perf_counter()
+    with autocast(args, device):
+        loss = model(**state["batch"]).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def optimizer_state_numel(state: dict) -> tuple[int, int]:
+    """(all tensors in optimizer.state, moments of the method's own parameters only)."""
+    method, model, optimizer = state["method"], state["model"], state["optimizer"]
+    head_ids = {id(p) for n, p in model.named_parameters() if method._is_head(n)}
+    total = method_only = 0
+    for param, st in optimizer.state.items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                total += value.numel()
+                if key != "step" and id(param) not in head_ids:
+                    method_only += value.numel()
+    return total, method_only
+
+
+def checkpoint_bytes(state: dict) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        state["method"].save(state["model"], tmp)
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+def static_measures(state: dict) -> dict:
+    method, model = state["method"], state["model"]
+    total, method_only = optimizer_state_numel(state)
+    out = {
+        "tuned_entries": int(method.tuned_count(model)),
+        "head_entries": int(method.head_count(model)),
+        "trainable_entries": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "optimizer_state_numel": int(total),
+        "optimizer_state_method_numel": int(method_only),
+        "checkpoint_bytes": int(checkpoint_bytes(state)),
+        "num_model_parameters": int(state["num_parameters"]),
+    }
+    for key in ("gradient_pass_s", "selection_math_s", "gradient_samples", "total_budget"):
+        if key in state["info"]:
+            out[key] = state["info"][key]
+    return out
+
+
+# --- memory (in the --single subprocess) ----------------------------------------------------------
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset VmHWM to VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(args, cfg: dict, name: str, device: torch.device) -> dict:
+    state = build(args, cfg, name, device, grads_file=args.grads_file)
+    state["info"].pop("_grads", None)
+    gc.collect()
+    out: dict[str, Any] = {"method": name}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for _ in range(args.mem_steps):
+            train_step(args, state, device)
+        peak = torch.cuda.max_memory_allocated(device)
+        out.update(peak_mem_bytes=peak - before, mem_before_bytes=before, peak_mem_total_bytes=peak,
+                   memory_source="torch.cuda.max_memory_allocated")
+    else:
+        _malloc_trim()
+        exact = _reset_rss_peak()
+        before = _proc_status_bytes("VmRSS") or 0
+        for _ in range(args.mem_steps):
+            train_step(args, state, device)
+        if exact:
+            peak = _proc_status_bytes("VmHWM") or 0
+            source = "VmHWM after clear_refs"
+        else:  # no /proc reset: the lifetime high-water mark (setup peaks may count)
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            source = "ru_maxrss (lifetime)"
+        out.update(peak_mem_bytes=max(0, peak - before), rss_before_bytes=before, peak_mem_total_bytes=peak,
+                   memory_source=source)
+    return out
+
+
+def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", name, "--model", args.model,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--mem-steps", str(args.mem_steps), "--grad-batches", str(args.grad_batches),
+           "--lr", str(args.lr), "--device", args.device, "--precision", args.precision,
+           "--threads", str(args.threads), "--seed", str(args.seed)]
+    if grads_file:
+        cmd += ["--grads-file", grads_file]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"memory subprocess for {name} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# --- the whole benchmark -------------------------------------------------------------------------------
+
+def time_methods(args, cfg: dict, device: torch.device, grads_dir: str) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    states: dict[str, dict] = {}
+
+    def setup(name: str) -> dict:
+        state = build(args, cfg, name, device)
+        grads = state["info"].pop("_grads", None)
+        if grads is not None:
+            path = os.path.join(grads_dir, f"{name}_grads.pt")
+            torch.save({"grads": {k: v.cpu() for k, v in grads.items()}, "seen": state["info"]["_seen"]}, path)
+            state["grads_file"] = path
+        return state
+
+    def finish(name: str, state: dict, times: list[float]) -> None:
+        results[name] = {"step_time_s": statistics.median(times), "step_times_s": times,
+                         **static_measures(state)}
+        if "grads_file" in state:
+            results[name]["_grads_file"] = state["grads_file"]
+
+    if args.timing == "interleaved":
+        for name in args.methods:
+            states[name] = setup(name)
+        for name in args.methods:
+            for _ in range(args.warmup):
+                train_step(args, states[name], device)
+        times: dict[str, list[float]] = {n: [] for n in args.methods}
+        for r in range(args.steps):
+            order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]
+            for name in order:
+                times[name].append(train_step(args, states[name], device))
+        for name in args.methods:
+            finish(name, states[name], times[name])
+        states.clear()
+    else:
+        for name in args.methods:
+            state = setup(name)
+            for _ in range(args.warmup):
+                train_step(args, state, device)
+            finish(name, state, [train_step(args, state, device) for _ in range(args.steps)])
+            del state
+            gc.collect()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or not b:
+        return "-"
+    return f"{a / b:.3g}x"
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def markdown_table(results: dict[str, dict], ref: str = "full") -> str:
+    base = results.get(ref, {})
+    lines = [
+        "| method | tuned entries | step time (ms) | step vs full | peak mem (MiB) | mem vs full "
+        "| optimizer state (elems) | opt vs full | checkpoint | ckpt vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['tuned_entries']:,} | {1000 * r['step_time_s']:.1f} | "
+            f"{_ratio(r['step_time_s'], base.get('step_time_s'))} | {_mib(r.get('peak_mem_bytes'))} | "
+            f"{_ratio(r.get('peak_mem_bytes'), base.get('peak_mem_bytes'))} | {r['optimizer_state_numel']:,} | "
+            f"{_ratio(r['optimizer_state_numel'], base.get('optimizer_state_numel'))} | "
+            f"{_size(r['checkpoint_bytes'])} | {_ratio(r['checkpoint_bytes'], base.get('checkpoint_bytes'))} |")
+    return "\n".join(lines)
+
+
+def summary_lines(results: dict[str, dict]) -> list[str]:
+    lines = []
+    gem, lora, full = results.get("gem"), results.get("lora"), results.get("full")
+    if gem and lora:
+        lines.append(
+            f"GEM vs LoRA: step time {_ratio(gem['step_time_s'], lora['step_time_s'])}, "
+            f"peak memory {_ratio(gem.get('peak_mem_bytes'), lora.get('peak_mem_bytes'))}, "
+            f"optimizer state {_ratio(gem['optimizer_state_numel'], lora['optimizer_state_numel'])}, "
+            f"checkpoint {_ratio(gem['checkpoint_bytes'], lora['checkpoint_bytes'])}")
+    if gem and "gradient_pass_s" in gem:
+        lines.append(f"GEM selection: gradient pass {gem['gradient_pass_s']:.2f}s on {gem.get('gradient_samples')} "
+                     f"examples, selection math {gem['selection_math_s']:.3f}s, budget K={gem.get('total_budget')}")
+    checks = []
+    if gem and full:
+        checks.append(("GEM/full step time <= 0.6", gem["step_time_s"] / full["step_time_s"], 0.6))
+        checks.append(("GEM/full optimizer state <= 0.01",
+                       gem["optimizer_state_numel"] / full["optimizer_state_numel"], 0.01))
+    if gem and lora:
+        checks.append(("GEM/LoRA step time <= 1.1", gem["step_time_s"] / lora["step_time_s"], 1.1))
+        if gem.get("peak_mem_bytes") and lora.get("peak_mem_bytes"):
+            checks.append(("GEM/LoRA peak memory <= 1.05", gem["peak_mem_bytes"] / lora["peak_mem_bytes"], 1.05))
+    for label, value, limit in checks:
+        lines.append(f"target {label}: {value:.3f} {'PASS' if value <= limit else 'FAIL'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    cfg = model_config(args.model)
+
+    if args.single:
+        out = measure_memory(args, cfg, args.single, device)
+        print(RESULT_PREFIX + json.dumps(out), flush=True)
+        return out
+
+    unknown = [m for m in args.methods if m not in __import__("gem.methods", fromlist=["METHODS"]).METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}")
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory() as grads_dir:
+        results = time_methods(args, cfg, device, grads_dir)
+        if not args.no_memory:
+            for name in args.methods:
+                mem = run_memory_subprocess(args, name, results[name].get("_grads_file"))
+                mem.pop("method", None)
+                results[name].update(mem)
+    for r in results.values():
+        r.pop("_grads_file", None)
+    wall = time.perf_counter() - wall
+
+    meta = {"model": cfg.get("name", args.model), "device": str(device), "precision": args.precision,
+            "threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "steps": args.steps, "warmup": args.warmup, "timing": args.timing, "torch": torch.__version__,
+            "wall_s": round(wall, 1)}
+    print(f"\n{meta['model']}, {device} {args.precision}, batch {args.batch_size} x {args.seq_len}, "
+          f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up ({args.timing}); "
+          f"peak memory = increase over the pre-step state ({'RSS high-water' if device.type == 'cpu' else 'CUDA allocated'})\n")
+    print(markdown_table(results))
+    print()
+    for line in summary_lines(results):
+        print(line)
+    print(f"total wall time {wall:.1f}s")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps({**results, "_meta": meta}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""OmegaConf resolvers the configs use; registered when `gem` is imported."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def lr_from_grid(method_name: str, default_lr: float, lr_index, lr_grids) -> float:
+    """`optim.lr`: the method's default, or entry `lr_index` of the preset's grid for this method.
+
+    Paper presets sweep `lr_index=0,1,2` while each method brings its own grid (full FT,
+    sparse masks and random masks want LRs orders of magnitude apart), so one multirun
+    command covers a fair per-method LR search.
+    """
+    if lr_index is None:
+        return default_lr
+    if not lr_grids or method_name not in lr_grids:
+        raise ValueError(f"lr_index={lr_index} is set but the experiment defines no lr_grids entry for method "
+                         f"{method_name!r}; add lr_grids.{method_name}=[...] or drop lr_index")
+    grid = list(lr_grids[method_name])
+    if not 0 <= int(lr_index) < len(grid):
+        raise ValueError(f"lr_index={lr_index} is outside lr_grids.{method_name} (which has {len(grid)} entries)")
+    return float(grid[int(lr_index)])
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("lr_from_grid"):
+        OmegaConf.register_new_resolver("lr_from_grid", lr_from_grid)

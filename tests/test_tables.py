@@ -1,0 +1,352 @@
+"""The table command (gem.tables) and the figures (gem.figures) on small fake records.
+
+The records are written here with the schema of `results.json` (see gem/records.py): no
+training runs. The wandb path uses a mocked `wandb.Api`: the wandb server cannot be reached
+from the test machines, so only the conversion of runs into records is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+
+from gem import tables
+from gem.tables import build_table, load_records, load_wandb_records, records_to_frame, render
+
+TUNED = {"full": 100.0, "lora": 0.24, "bitfit": 0.08, "gem": 0.0998, "gem_uniform": 0.0998}
+MAIN = {"rte": "acc", "sst2": "acc", "cola": "mcc"}
+
+
+def write_record(root: Path, *, method: str = "gem", task: str = "rte", model: str = "tiny-bert", seed: int = 1,
+                 test: float | None = 0.5, dev: float | None = 0.5, lr: float = 1e-3, density: float = 0.001,
+                 status: str = "completed", name: str | None = None) -> Path:
+    """One schema-valid results.json in its own run folder; returns the record's path."""
+    main = MAIN.get(task, "acc")
+    metrics = {}
+    if dev is not None:
+        metrics[f"dev/{main}"] = dev
+    if test is not None and status == "completed":
+        metrics[f"test/{main}"] = test
+    record = {
+        "record_version": 1, "status": status, "method": method, "task": task, "model": model, "seed": seed,
+        "metrics": metrics,
+        "params": {"total": 1_000_000, "trainable": 1000, "tuned": int(TUNED.get(method, 1.0) * 1e4),
+                   "head": 66, "tuned_pct": TUNED.get(method, 1.0)},
+        "config": {"seed": seed, "model": {"name": model}, "task": {"name": task, "metrics": [main]},
+                   "method": {"name": method, "lr": lr, "density": density}, "optim": {"lr": lr}},
+    }
+    if status == "completed":
+        record["main_metric"] = f"test/{main}"
+    if method.startswith("gem"):
+        record["gem"] = {"budget": 1000, "changed_outside_mask": 0, "budgets": {
+            f"bert.encoder.layer.{i}.attention.self.{kind}": 100 * (i + 1) + (50 if kind == "value" else 0)
+            for i in range(2) for kind in ("query", "value")}}
+    folder = root / (name or f"{model}_{task}_{method}_lr{lr}_d{density}_s{seed}_{status}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """3 methods x 2 tasks, 3 seeds each, plus one failed and one running run."""
+    root = tmp_path / "runs"
+    scores = {("full", "rte"): [0.70, 0.72, 0.74], ("full", "sst2"): [0.90, 0.91, 0.92],
+              ("lora", "rte"): [0.60, 0.62, 0.64], ("lora", "sst2"): [0.93, 0.93, 0.93],
+              ("gem", "rte"): [0.75, 0.76, 0.77], ("gem", "sst2"): [0.88, 0.90, 0.92]}
+    for (method, task), values in scores.items():
+        for seed, value in enumerate(values, start=1):
+            write_record(root, method=method, task=task, seed=seed, test=value, dev=value)
+    write_record(root, method="gem", task="rte", seed=4, status="failed", dev=None)
+    write_record(root, method="lora", task="sst2", seed=4, status="running", dev=None)
+    return root
+
+
+def test_grouping_mean_std_and_seed_counts(runs):
+    table = build_table(load_records([runs]))
+    assert table.tasks == ["sst2", "rte"]                       # GLUE order, not alphabetical
+    assert [r.method for r in table.rows] == ["full", "lora", "gem"]
+    gem = table.rows[2]
+    cell = gem.cells["rte"]
+    assert cell.n == 3
+    assert cell.mean == pytest.approx(76.0)
+    assert cell.std == pytest.approx(statistics.stdev([75.0, 76.0, 77.0]))
+    assert gem.average == pytest.approx((76.0 + 90.0) / 2)
+    assert gem.tuned_pct == pytest.approx(0.0998)
+    text = render(table, "md")
+    assert "| GEM | 0.0998 | 90.0 ± 2.0 (3) | **76.0 ± 1.0 (3)** | **83.0** |" in text
+    assert "| Full FT | 100 | 91.0 ± 1.0 (3) | 72.0 ± 2.0 (3) | 81.5 |" in text
+
+
+def test_method_order_and_ablations_alphabetical(tmp_path):
+    for method in ["random_mask", "gem", "bitfit", "gem_uniform", "full", "adapter", "lora", "fish"]:
+        write_record(tmp_path, method=method)
+    table = build_table(load_records([tmp_path]))
+    assert [r.method for r in table.rows] == ["full", "lora", "adapter", "bitfit", "gem", "fish", "gem_uniform",
+                                              "random_mask"]
+
+
+def test_best_cell_is_bold_per_task_and_ties_all_bold(runs, tmp_path):
+    table = build_table(load_records([runs]))
+    md = render(table, "md")
+    assert "**93.0 (3)**" not in md                           # std 0 with 3 seeds is printed
+    assert "**93.0 ± 0.0 (3)**" in md                          # lora best on sst2
+    assert "**76.0 ± 1.0 (3)**" in md                          # gem best on rte
+    latex = render(table, "latex")
+    assert r"\textbf{93.0 $\pm$ 0.0 (3)}" in latex
+    assert r"\textbf{76.0 $\pm$ 1.0 (3)}" in latex
+    tie = tmp_path / "tie"
+    write_record(tie, method="full", test=0.5)
+    write_record(tie, method="gem", test=0.5)
+    tied = build_table(load_records([tie]))
+    assert {(i, "rte") for i in range(2)} <= tied.best
+
+
+def test_failed_and_running_runs_left_out_with_footer(runs):
+    table = build_table(load_records([runs]))
+    assert all(cell.n == 3 for row in table.rows for cell in row.cells.values())
+    footer = [n for n in table.notes if n.startswith("left out:")]
+    assert len(footer) == 1
+    assert footer[0].startswith("left out: 1 failed, 1 running: ")
+    assert "tiny-bert_rte_gem_lr0.001_d0.001_s4_failed/results.json" in footer[0]
+    assert "tiny-bert_sst2_lora_lr0.001_d0.001_s4_running/results.json" in footer[0]
+    assert "- left out: 1 failed, 1 running:" in render(table, "md")
+    assert "% left out: 1 failed, 1 running:" in render(table, "latex")
+
+
+def test_unreadable_record_is_counted(tmp_path):
+    write_record(tmp_path, method="gem")
+    broken = tmp_path / "broken" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text('{"status": "compl')
+    table = build_table(load_records([tmp_path]))
+    assert table.rows[0].cells["rte"].n == 1
+    assert "1 unreadable" in table.notes[0]
+
+
+def test_latex_escaping():
+    assert tables.latex_escape("gem_uniform 50% & $x#{y}~^\\") == (
+        r"gem\_uniform 50\% \& \$x\#\{y\}\textasciitilde{}\textasciicircum{}\textbackslash{}")
+
+
+def test_latex_render_escapes_names(tmp_path):
+    write_record(tmp_path, method="gem_uniform", model="my_model")
+    write_record(tmp_path, method="gem", model="other")
+    latex = render(build_table(load_records([tmp_path]), group_by=["config.method.num_grad_samples"]), "latex")
+    assert r"gem\_uniform" in latex and r"my\_model" in latex
+    assert r"config.method.num\_grad\_samples" in latex
+    assert r"Tuned \%" in latex
+    assert "\\midrule\nother" in latex and "\\midrule\nmy\\_model" in latex    # a rule between models
+    assert "gem_uniform" not in latex.replace("% ", "\n").split("\\begin{tabular}")[1].split("\\end{tabular}")[0]
+
+
+def test_dev_selection_picks_lr_per_cell(tmp_path):
+    # lr 1e-3: better dev, worse test; lr 1e-4: worse dev, better test -> the table reports 1e-3's test
+    for seed in (1, 2):
+        write_record(tmp_path, method="gem", lr=1e-3, seed=seed, dev=0.80, test=0.60 + 0.01 * seed)
+        write_record(tmp_path, method="gem", lr=1e-4, seed=seed, dev=0.70, test=0.90)
+        write_record(tmp_path, method="full", lr=1e-5, seed=seed, dev=0.60, test=0.50)
+        write_record(tmp_path, method="full", lr=1e-6, seed=seed, dev=0.65, test=0.55)
+    records = load_records([tmp_path])
+    pooled = build_table(records)
+    assert pooled.rows[1].cells["rte"].n == 4
+    assert any(n.startswith("warning: 2 cell(s) pool runs with different config.optim.lr") for n in pooled.notes)
+    chosen = build_table(records, select_by="dev")
+    full, gem = chosen.rows
+    assert gem.cells["rte"].selected == {"config.optim.lr": "0.001"}
+    assert gem.cells["rte"].mean == pytest.approx(61.5) and gem.cells["rte"].n == 2
+    assert gem.cells["rte"].candidates == 2
+    assert full.cells["rte"].selected == {"config.optim.lr": "1e-06"}
+    assert full.cells["rte"].mean == pytest.approx(55.0)
+    assert "  tiny-bert/gem: rte=0.001" in chosen.notes
+    assert not any(n.startswith("warning") for n in chosen.notes)
+    csv_text = render(chosen, "csv")
+    assert "tiny-bert,gem,rte,test/acc,61.5000,0.7071,2,1,0.0998,0.001" in csv_text
+    # grouping by the LR instead shows every setting as its own row
+    grouped = build_table(records, group_by=["lr"])
+    assert [(r.method, r.group) for r in grouped.rows] == [
+        ("full", ("1e-06",)), ("full", ("1e-05",)), ("gem", ("0.0001",)), ("gem", ("0.001",))]
+
+
+def test_metric_override_and_missing_metric_footer(tmp_path):
+    write_record(tmp_path, method="gem", task="rte", dev=0.8, test=0.6)
+    write_record(tmp_path, method="gem", task="cola", dev=0.3, test=0.2)
+    default = build_table(load_records([tmp_path]))
+    assert default.main_metrics == {"cola": "test/mcc", "rte": "test/acc"}
+    assert default.rows[0].cells["cola"].mean == pytest.approx(20.0)
+    dev = build_table(load_records([tmp_path]), metric="dev/acc")
+    assert list(dev.rows[0].cells) == ["rte"] and dev.rows[0].cells["rte"].mean == pytest.approx(80.0)
+    assert any("1 completed without dev/acc" in n for n in dev.notes)
+    assert "Metric: dev/acc, ×100" in render(dev, "md")
+    dev_main = build_table(load_records([tmp_path]), metric="dev")
+    assert dev_main.rows[0].cells["cola"].mean == pytest.approx(30.0)
+
+
+def test_average_needs_every_task(tmp_path):
+    write_record(tmp_path, method="gem", task="rte")
+    write_record(tmp_path, method="gem", task="sst2")
+    write_record(tmp_path, method="full", task="rte")
+    table = build_table(load_records([tmp_path]))
+    full, gem = table.rows
+    assert full.average is None and gem.average == pytest.approx(50.0)
+    assert "| Full FT | 100 | – | **50.0 (1)** | – |" in render(table, "md")   # tied: both bold
+
+
+def test_repeated_seed_is_flagged(tmp_path):
+    write_record(tmp_path, method="gem", seed=1, name="a")
+    write_record(tmp_path, method="gem", seed=1, name="b")
+    table = build_table(load_records([tmp_path, tmp_path / "a"]))     # overlapping roots: read once each
+    assert table.rows[0].cells["rte"].n == 2
+    assert any("count a seed more than once" in n for n in table.notes)
+
+
+def test_render_is_deterministic_and_cli_reprints_byte_for_byte(runs, tmp_path, capsys):
+    records = load_records([runs])
+    for fmt in ("md", "latex", "csv"):
+        first = render(build_table(records), fmt)
+        again = render(build_table(list(reversed(records))), fmt)     # order of records does not matter
+        assert first == again
+        written = tmp_path / f"table.{fmt}"
+        written.write_text(first, encoding="utf-8")
+        assert tables.main([str(runs), "--format", fmt, "--output", str(tmp_path / f"cli.{fmt}")]) == 0
+        assert (tmp_path / f"cli.{fmt}").read_bytes() == written.read_bytes()
+        capsys.readouterr()
+        assert tables.main([str(runs), "--format", fmt]) == 0
+        assert capsys.readouterr().out == first
+
+
+def test_cli_subprocess_matches(runs, tmp_path):
+    expected = render(build_table(load_records([runs]), select_by="dev"), "latex")
+    out = tmp_path / "t.tex"
+    subprocess.run([sys.executable, "-m", "gem.tables", str(runs), "--select-by", "dev", "--format", "latex",
+                    "--output", str(out)], check=True, capture_output=True)
+    assert out.read_text(encoding="utf-8") == expected
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tables.main([])
+    with pytest.raises(SystemExit):
+        tables.main([str(tmp_path / "nope")])
+    assert "no such record folder" in capsys.readouterr().err
+
+
+def test_empty_folder_renders(tmp_path):
+    text = render(build_table(load_records([tmp_path])), "md")
+    assert "(no completed runs)" in text
+
+
+def test_records_to_frame(runs):
+    frame = records_to_frame(load_records([runs]))
+    assert len(frame) == 20
+    assert list(frame.columns[:7]) == ["_path", "status", "model", "task", "method", "seed", "main_metric"]
+    assert {"config.optim.lr", "metrics.test/acc", "params.tuned_pct", "main_value"} <= set(frame.columns)
+    done = frame[frame.status == "completed"]
+    assert done.groupby("method").main_value.count().to_dict() == {"full": 6, "gem": 6, "lora": 6}
+
+
+class FakeRun(SimpleNamespace):
+    pass
+
+
+def _wandb_runs():
+    def run(run_id, state, method, seed, value, lr=1e-3, nested=True):
+        config = ({"method": {"name": method, "lr": lr}, "task": {"name": "rte", "metrics": ["acc"]},
+                   "model": {"name": "minilm"}, "seed": seed, "optim": {"lr": lr}} if nested else
+                  {"params": {"tuned_pct": 0.1}, "optim.lr": {"value": lr, "desc": None}, "_wandb": {"x": 1}})
+        summary = {"dev/acc": value, "test/acc": value, "dev/best_acc": 0.0, "train/loss": 0.3, "_step": 10,
+                   "params/tuned_pct": TUNED[method]}
+        return FakeRun(id=run_id, path=["ent", "gem", run_id], name=f"rte-{method}-minilm-s{seed}", state=state,
+                       config=config, summary_metrics=summary)
+
+    return [run("b2", "finished", "gem", 2, 0.72), run("a1", "finished", "gem", 1, 0.70),
+            run("c3", "crashed", "gem", 3, 0.10), run("d4", "finished", "lora", 1, 0.65, nested=False),
+            run("e5", "running", "lora", 2, 0.0)]
+
+
+def test_wandb_runs_through_a_mocked_api(tmp_path, capsys):
+    # The wandb server cannot be reached here: wandb.Api is mocked and only the conversion is tested.
+    pytest.importorskip("wandb")
+    api = mock.MagicMock()
+    api.return_value.runs.return_value = _wandb_runs()
+    with mock.patch("wandb.Api", api):
+        records = load_wandb_records("ent/gem", {"config.task.name": "rte"})
+        api.return_value.runs.assert_called_once_with("ent/gem", filters={"config.task.name": "rte"})
+        assert [r["_path"] for r in records] == ["wandb:ent/gem/a1", "wandb:ent/gem/b2", "wandb:ent/gem/c3",
+                                                  "wandb:ent/gem/d4", "wandb:ent/gem/e5"]
+        lora = records[3]                                   # flat config, names from the run name
+        assert (lora["method"], lora["task"], lora["model"], lora["seed"]) == ("lora", "rte", "minilm", 1)
+        assert lora["config"]["optim"]["lr"] == 1e-3 and "_wandb" not in lora["config"]
+        assert lora["metrics"] == {"dev/acc": 0.65, "test/acc": 0.65}
+        table = build_table(records)
+        assert [r.method for r in table.rows] == ["lora", "gem"]
+        gem = table.rows[1].cells["rte"]
+        assert gem.n == 2 and gem.mean == pytest.approx(71.0)
+        assert table.notes[0] == "left out: 1 failed, 1 running: wandb:ent/gem/c3, wandb:ent/gem/e5"
+        # the command line: local records and wandb runs in one table
+        local = tmp_path / "local"
+        write_record(local, method="full", model="minilm", test=0.6)
+        assert tables.main([str(local), "--wandb-project", "ent/gem", "--wandb-filter",
+                            '{"config.task.name": "rte"}']) == 0
+        out = capsys.readouterr().out
+        assert "| Full FT | 100 | 60.0 (1) | 60.0 |" in out and "| GEM | 0.0998 | **71.0 ± 1.4 (2)** |" in out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_budget_rows_and_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gem import figures
+
+    for task in ("rte", "sst2"):
+        for seed in (1, 2):
+            write_record(tmp_path, method="gem", task=task, seed=seed)
+    write_record(tmp_path, method="full", task="rte")
+    rows = figures.budget_rows(load_records([tmp_path]))
+    assert {(r["task"], r["kind"], r["layer"], r["budget"], r["runs"]) for r in rows} == {
+        (t, k, layer, 100.0 * (layer + 1) + (50 if k == "v" else 0), 2)
+        for t in ("rte", "sst2") for k in ("q", "v") for layer in (0, 1)}
+    assert figures.matrix_layer_kind("model.decoder.layers.11.self_attn.q_proj") == (11, "q")
+    assert figures.matrix_layer_kind("model.layers.3.self_attn.v_proj") == (3, "v")
+    out = tmp_path / "figs" / "budgets.png"
+    assert figures.main(["budgets", str(tmp_path), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budgets_fall_back_to_allocation_csv(tmp_path):
+    from gem import figures
+
+    path = write_record(tmp_path, method="gem")
+    record = json.loads(path.read_text())
+    del record["gem"]["budgets"]
+    path.write_text(json.dumps(record))
+    (path.parent / "allocation.csv").write_text(
+        "name,numel,selectable,budget,density,r_norm,entropy,allocation_score\n"
+        "bert.encoder.layer.0.attention.self.query,1024,1024,7,0.1,0.5,4.0,1.0\n"
+        "bert.encoder.layer.0.attention.self.value,1024,1024,9,0.1,0.5,4.0,1.0\n")
+    rows = figures.budget_rows(load_records([tmp_path]))
+    assert [(r["kind"], r["budget"]) for r in rows] == [("q", 7.0), ("v", 9.0)]
+
+
+def test_density_points_and_figure(tmp_path):
+    from gem import figures
+
+    for density in (0.001, 0.01):
+        for seed, value in ((1, 0.6), (2, 0.7)):
+            write_record(tmp_path, method="gem", density=density, seed=seed, test=value + density)
+    write_record(tmp_path, method="full", seed=1)      # no effect: its density is the same, method differs
+    points = figures.density_points(load_records([tmp_path]), methods=["gem"])
+    assert [(p["density"], p["n"]) for p in points] == [(0.001, 2), (0.01, 2)]
+    assert points[1]["mean"] == pytest.approx(66.0)
+    assert points[0]["std"] == pytest.approx(statistics.stdev([60.1, 70.1]))
+    out = tmp_path / "density.png"
+    assert figures.main(["density", str(tmp_path), "--methods", "gem", "--output", str(out)]) == 0
+    assert out.stat().st_size > 1000
