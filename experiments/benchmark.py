@@ -186,7 +186,7 @@ def build(args, cfg: dict, name: str, device: torch.device, grads_file: str | No
     info: dict[str, Any] = {}
     if hasattr(method, "select"):  # GEM and the sparse ablations
         if grads_file:
-            saved = torch.load(grads_file, map_location=device)
+            saved = torch.load(grads_file, map_location=device, weights_only=True)
             grads, seen = saved["grads"], saved["seen"]
         else:
             grads, seen, info["gradient_pass_s"] = gem_gradient_pass(args, model, method, loaded.tokenizer,

@@ -19,7 +19,8 @@ def lr_from_grid(method_name: str, default_lr: float, lr_index, lr_grids) -> flo
                          f"{method_name!r}; add lr_grids.{method_name}=[...] or drop lr_index")
     grid = list(lr_grids[method_name])
     if not 0 <= int(lr_index) < len(grid):
-        raise ValueError(f"lr_index={lr_index} is outside lr_grids.{method_name} (which has {len(grid)} entries)")
+        raise ValueError(f"lr_index={lr_index} is outside lr_grids.{method_name} (which has {len(grid)} entries); "
+                         f"use lr_index between 0 and {len(grid) - 1}, or lr_index=null for the method's default LR")
     return float(grid[int(lr_index)])
 
 

@@ -24,7 +24,7 @@ from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.methods import build_method
 from gem.models import load_model
-from gem.records import RunRecord
+from gem.records import RunRecord, process_rank
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,38 @@ def method_options(method_cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in _RUN_KEYS}
 
 
+# Models whose position ids start after the padding index (pad_token_id + 1 positions unusable).
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text"}
+
+
+def model_max_positions(model, tokenizer=None) -> int | None:
+    """The longest sequence the model can embed: its position table (and the tokenizer's
+    model_max_length when that is a real limit); None when the model states none."""
+    config = getattr(model, "config", None)
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+            positions -= int(getattr(config, "pad_token_id", None) or 0) + 1
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def fit_max_length(requested: int, model, tokenizer=None) -> tuple[int, str | None]:
+    """Clamp a max_length beyond what the model can embed (it would crash on the first long
+    example, or silently read garbage positions) to the model's limit; the note says so."""
+    if requested < 1:
+        raise ValueError(f"task.max_length={requested} must be at least 1")
+    limit = model_max_positions(model, tokenizer)
+    if limit is None or requested <= limit:
+        return requested, None
+    return limit, (f"max_length {requested} (task.max_length, or model.max_length for decoders) exceeds what the "
+                   f"model can embed ({limit} positions); sequences are truncated to {limit} instead")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
@@ -94,8 +126,9 @@ def run(cfg: DictConfig) -> dict:
         _finish_wandb()
     record.data["time_s"]["total"] = round(time.perf_counter() - started, 3)
     record.finish("completed")
-    log.info(summary)
-    print(summary)
+    if process_rank() == 0:
+        log.info(summary)
+        print(summary)
     return record.data
 
 
@@ -108,21 +141,24 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
         target_modules = list(cfg.method.get("target_modules") or cfg.model.target_modules)
         method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
         model = method.prepare(loaded.model, loaded.head_parameter_names)
-    record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": task.notes},
+    requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
+        else int(cfg.task.max_length)
+    max_length, clamp_note = fit_max_length(requested, loaded.model, loaded.tokenizer)
+    notes = [*task.notes, *([clamp_note] if clamp_note else [])]
+    record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": notes},
                   method_settings=method.describe())
-    for note in task.notes:
+    for note in notes:
         log.warning(note)
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if loaded.kind == "decoder":  # prompts + candidate scoring / generation (gem.lit.causal_module)
         generation = OmegaConf.to_container(cfg.task.generation, resolve=True) if cfg.task.get("generation") else {}
-        max_length = int(cfg.model.get("max_length") or cfg.task.max_length)
         collate = causal_collator(loaded.tokenizer, task, max_length, int(generation.get("max_new_tokens", 0)))
         module = CausalLMModule(model, method, task_name=task.name, task_kind=task.kind,
                                 metric_names=list(task.metrics), num_labels=task.num_labels, optim=optim,
                                 tokenizer=loaded.tokenizer, generation=generation)
     else:
-        collate = encoder_collator(loaded.tokenizer, task, int(cfg.task.max_length))
+        collate = encoder_collator(loaded.tokenizer, task, max_length)
         module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
                                 num_labels=task.num_labels, optim=optim)
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),

@@ -227,3 +227,17 @@ def test_mbpp_runs_with_pass_at_1(data_dir, tmp_path):
                           "task.num_test=2", "task.num_dev=2", "task.generation.max_new_tokens=4"], tmp_path)
     assert rec["status"] == "completed" and rec["main_metric"] == "test/pass@1"
     assert not math.isnan(rec["metrics"]["test/pass@1"])
+
+
+def test_single_token_shortcut_matches_full_scoring(offline_tiny):
+    model, tok = offline_tiny.model.eval(), offline_tiny.tokenizer
+    collate = CausalCollator(tok, _task("rte", "classification", ["entailment", "not_entailment"]), max_length=64)
+    batch = collate([_ex(text_a="Cats sleep a lot.", text_b="Cats rest", label=0),
+                     _ex(text_a="A much longer premise about dogs and their owners.", text_b="Dogs", label=1)])
+    b, c, t = batch["input_ids"].shape
+    with torch.no_grad():
+        fast = candidate_scores(model, batch)
+        total, count = suffix_logprobs(model, batch["input_ids"].view(b * c, t),
+                                       batch["attention_mask"].view(b * c, t), batch["score_mask"].view(b * c, t))
+    assert count.tolist() == [1.0] * 4
+    assert torch.allclose(fast, (total / count).view(b, c), atol=1e-5)

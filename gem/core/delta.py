@@ -258,7 +258,8 @@ class SparseDelta:
             raise DeltaError(f"{config_path}: unsupported format {config.get('format')!r} v{config.get('format_version')!r}")
         payload = tensors_path.read_bytes()
         if hashlib.sha256(payload).hexdigest() != expected_sha:
-            raise DeltaError(f"{tensors_path} is corrupt: its sha256 differs from the one in {CONFIG_FILE}")
+            raise DeltaError(f"{tensors_path} is corrupt: its sha256 differs from the one in {CONFIG_FILE} (truncated "
+                             f"or modified after saving); copy the checkpoint folder again in full, or save it anew")
         try:
             tensors = load_safetensors_bytes(payload)
         except (SafetensorError, ValueError, RuntimeError) as err:

@@ -99,7 +99,8 @@ def _sample(spec: TaskSpec, pools: dict[str, list[dict]], seed: int, fallback: b
     for part, rows in (("train", train), ("test", test)) + ((("dev", dev),) if spec.num_dev != 0 else ()):
         if not rows:
             raise DataError(f"task {spec.name}: the sampled {part} split is empty "
-                            f"(num_train={spec.num_train}, num_dev={spec.num_dev}, num_test={spec.num_test})")
+                            f"(num_train={spec.num_train}, num_dev={spec.num_dev}, num_test={spec.num_test}); "
+                            f"set task.num_{part} to at least 1 (or null for every available row)")
     return train, dev, test, notes
 
 

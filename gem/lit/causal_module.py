@@ -45,6 +45,18 @@ def _forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
+def _last_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Float logits of the last `keep` positions of left-padded rows (position ids count real tokens)."""
+    accepted = _forward_parameters(model)
+    kwargs: dict[str, Any] = {}
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = keep
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.logits[:, -keep:].float()
+
+
 def suffix_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(token | prefix) over the scored tokens, number of scored tokens) per row.
@@ -55,26 +67,37 @@ def suffix_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """
     length = input_ids.shape[1]
     scored = score_mask.bool()
-    first = torch.where(scored.any(-1), scored.float().argmax(-1), torch.full_like(scored[:, 0], length, dtype=torch.long))
+    no_score = torch.full_like(scored[:, 0], length, dtype=torch.long)
+    first = torch.where(scored.any(-1), scored.long().argmax(-1), no_score)
     keep = min(length, int(length - first.min().item()) + 1)
-    accepted = _forward_parameters(model)
-    kwargs: dict[str, Any] = {}
-    if "position_ids" in accepted:
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = keep
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    logits = out.logits[:, -keep:][:, :-1].float()          # position t predicts token t + 1
+    logits = _last_logits(model, input_ids, attention_mask, keep)[:, :-1]   # position t predicts token t + 1
     targets = input_ids[:, length - keep + 1:]
     mask = score_mask[:, length - keep + 1:].to(logits.dtype)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logp * mask).sum(-1), mask.sum(-1)
 
 
+def _single_token_candidates(batch: dict) -> bool:
+    """Whether every candidate is one token after the same prompt (then one forward per example suffices)."""
+    ids, attention, score = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
+    if ids.shape[-1] < 2 or not bool((score.sum(-1) == 1).all()) or not bool((score[..., -1] == 1).all()):
+        return False
+    return torch.equal(ids[:, :1, :-1].expand_as(ids[..., :-1]), ids[..., :-1]) and \
+        torch.equal(attention[:, :1].expand_as(attention), attention)
+
+
 def candidate_scores(model: nn.Module, batch: dict) -> torch.Tensor:
-    """[batch, num_candidates]: each candidate's mean token log-likelihood after its prompt."""
+    """[batch, num_candidates]: each candidate's mean token log-likelihood after its prompt.
+
+    When all candidates are single tokens after a shared prompt (Yes/No, great/terrible), the
+    prompt runs once per example and the candidates are read off its next-token distribution:
+    the same numbers as scoring every prompt + candidate row, at 1/num_candidates the cost.
+    """
     ids = batch["input_ids"]
     b, c, t = ids.shape
+    if _single_token_candidates(batch):
+        logits = _last_logits(model, ids[:, 0, :-1], batch["attention_mask"][:, 0, :-1], 1)[:, -1]
+        return logits.gather(-1, ids[:, :, -1]) - logits.logsumexp(-1, keepdim=True)
     total, count = suffix_logprobs(model, ids.reshape(b * c, t), batch["attention_mask"].reshape(b * c, t),
                                    batch["score_mask"].reshape(b * c, t))
     return (total / count.clamp(min=1)).view(b, c)

@@ -34,10 +34,11 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.task.test, self.eval_batch_size, shuffle=False)
 
-    def gradient_pass_dataloader(self, num_examples: int) -> DataLoader:
+    def gradient_pass_dataloader(self, num_examples: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The first `num_examples` of the (already seeded-sampled) training set, in order.
 
         GEM's gradient pass uses the training loss on training data; taking a prefix of
-        the seeded sample keeps the mask a function of the seed alone.
+        the seeded sample keeps the mask a function of the seed alone. Under DDP each rank
+        takes every `world_size`-th example, so the all-reduced sum covers the prefix once.
         """
-        return self._loader(self.task.train[:num_examples], self.batch_size, shuffle=False)
+        return self._loader(self.task.train[:num_examples][rank::world_size], self.batch_size, shuffle=False)

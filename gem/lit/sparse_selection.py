@@ -44,7 +44,8 @@ class SparseSelection(L.Callback):
         start = time.perf_counter()
         grads, seen = None, 0
         if self.method.needs_gradients:
-            batches = self.datamodule.gradient_pass_dataloader(int(self.method.options["num_grad_samples"]))
+            batches = self.datamodule.gradient_pass_dataloader(int(self.method.options["num_grad_samples"]),
+                                                               trainer.global_rank, trainer.world_size)
             # The same loss as training (the decoder path scores candidates, not model(**batch).loss).
             loss_fn = getattr(pl_module, "batch_loss", None) or training_loss
             grads, seen = accumulate_gradients(model, batches, self.method.target_weights(model), loss_fn=loss_fn,

@@ -95,6 +95,10 @@ class HoulsbyAdapter(Method):
     name = "adapter"
     DEFAULTS = {"bottleneck": 8, "adapter_modules": "auto", "init_std": 0.02}
 
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        raise MethodError("Houlsby adapters are non-linear (ReLU bottlenecks) and cannot be folded into the base "
+                          "weights; load the run's checkpoint with gem.methods (HoulsbyAdapter.prepare + load) instead")
+
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
         super().__init__(target_modules, **merge_options(self.name, self.DEFAULTS, options))
         if int(self.options["bottleneck"]) < 1:

@@ -104,7 +104,11 @@ class Method:
         path = Path(directory) / "trained.safetensors"
         if not path.exists():
             raise MethodError(f"{self.name}: no checkpoint at {path}")
-        self.load_saved(model, load_file(str(path)))
+        self.load_saved(model, load_checkpoint_file(path, self.name))
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        """A plain Hugging Face model with what trained folded in, for `save_pretrained`."""
+        return model
 
     def callbacks(self, **context) -> list:
         """Lightning callbacks the method needs (GEM: the gradient pass before training)."""
@@ -113,6 +117,17 @@ class Method:
     def describe(self) -> dict:
         """Settings recorded in the run record."""
         return {"name": self.name, "target_modules": self.target_modules, **self.options}
+
+
+def load_checkpoint_file(path: str | Path, method_name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A saved safetensors file's tensors; a truncated or corrupt file is a MethodError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise MethodError(f"{method_name}: the checkpoint file {path} is corrupt or truncated ({error}); "
+                          f"copy it again in full, or rerun with save_checkpoint=true to write a new one") from error
 
 
 def find_target_linears(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Linear]:

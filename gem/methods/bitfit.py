@@ -102,6 +102,13 @@ class BitFit(Method):
         self.added_biases = added
         return super().prepare(model, heads)
 
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        if self.added_biases:
+            raise MethodError(f"bitfit added {len(self.added_biases)} biases this architecture does not have "
+                              f"(e.g. {self.added_biases[0]}); a plain Hugging Face model of this class cannot hold "
+                              f"them. Load the run's checkpoint with gem.methods (BitFit.prepare + load) instead")
+        return model
+
     def describe(self) -> dict:
         out = super().describe()
         out["added_biases"] = len(self.added_biases)

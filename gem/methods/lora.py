@@ -20,11 +20,10 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from safetensors.torch import load_file
 from torch import nn
 
 from ._common import head_module_names, merge_options
-from .base import HEAD_PREFIX_KEY, Method, MethodError, find_target_linears
+from .base import HEAD_PREFIX_KEY, Method, MethodError, find_target_linears, load_checkpoint_file
 
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,6 +51,9 @@ class LoRA(Method):
         if ".original_module." in name:
             return False
         return super()._is_head(_MODULES_TO_SAVE.sub(".", name))
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        return merge_for_export(model)
 
     def _task_type(self, model: nn.Module):
         task_type = self.options["task_type"]
@@ -106,7 +108,7 @@ class LoRA(Method):
         path = Path(directory) / ADAPTER_WEIGHTS
         if not path.exists():
             raise MethodError(f"lora: no adapter at {path}")
-        result = peft.set_peft_model_state_dict(model, load_file(str(path)))
+        result = peft.set_peft_model_state_dict(model, load_checkpoint_file(path, self.name))
         if result.unexpected_keys:
             raise MethodError(
                 f"lora: the adapter at {path} holds {len(result.unexpected_keys)} tensors the model does not have "

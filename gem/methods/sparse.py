@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from gem.core import budgets as B
 from gem.core.delta import SparseDelta
 from gem.core.scores import entry_scores
 from gem.core.selection import select_masks, top_k_flat_indices, unsorted_threshold_indices
-from gem.core.sparse_linear import inject_sparse_deltas, sparse_modules
+from gem.core.sparse_linear import inject_sparse_deltas, remove_sparse_deltas, sparse_modules
 
 from ._common import merge_options
-from .base import Method, MethodError, find_target_linears
+from .base import Method, MethodError, find_target_linears, load_checkpoint_file
 
 BUDGET_RULES = {
     "entropy": B.entropy_guided_budgets,
@@ -138,6 +138,10 @@ class SparseMask(Method):
         groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay else []
         return groups
 
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        remove_sparse_deltas(model)  # plain nn.Linear layers with W0 + delta merged in
+        return model
+
     # --- saving: sparse delta (indices + values) and the head ------------------------------------
     def save(self, model: nn.Module, directory: str | Path, extra_config: dict | None = None) -> Path:
         directory = Path(directory)
@@ -164,7 +168,7 @@ class SparseMask(Method):
         for _, module in sparse_modules(model):
             module.delta.requires_grad_(True)
         if (directory / HEAD_FILE).exists():
-            super().load_saved(model, load_file(str(directory / HEAD_FILE)))
+            super().load_saved(model, load_checkpoint_file(directory / HEAD_FILE, self.name))
 
     def describe(self) -> dict:
         return {**super().describe(), "total_budget": self.total_budget,

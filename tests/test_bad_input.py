@@ -1,0 +1,274 @@
+"""Bad input fails fast and clearly: the message names the cause and the fix, the command exits
+non-zero (or the right exception type reaches an in-process caller), and no record ever says
+`completed` (a run that started leaves a `failed` record).
+
+Covered elsewhere, not repeated here: wandb online without an API key
+(tests/test_pipeline.py::test_online_wandb_without_key_fails_clearly_before_contacting_it) and
+offline without a data dir (tests/test_pipeline.py::test_offline_without_data_dir_is_a_fast_data_error).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN, run_cli, run_in_process
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+RTE_LABELS = ("entailment", "not_entailment")
+
+
+def write_rte(root: Path, rows: list[dict], files=("train.jsonl", "val.jsonl")) -> Path:
+    """A hand-made data dir in the official SuperGLUE layout: <root>/super_glue/RTE/{train,val}.jsonl."""
+    folder = root / "super_glue" / "RTE"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def rte_rows(n: int = 24, **overrides_by_index) -> list[dict]:
+    rows = [{"premise": f"Sentence number {i} is here.", "hypothesis": "A sentence is here.",
+             "label": RTE_LABELS[i % 2], "idx": i} for i in range(n)]
+    for key, row in overrides_by_index.items():
+        rows[int(key.lstrip("i"))].update(row)
+    return rows
+
+
+def assert_not_completed(run_dir: Path, message: str | None = None) -> dict | None:
+    """No `completed` record anywhere under run_dir; a record that exists is `failed` with the error."""
+    records = [json.loads(p.read_text()) for p in run_dir.rglob("results.json")] if run_dir.exists() else []
+    assert all(r["status"] != "completed" for r in records)
+    for r in records:
+        assert r["status"] == "failed"
+        if message is not None:
+            assert message in r["error"]
+    return records[0] if records else None
+
+
+def fails_in_process(overrides: list[str], out: Path, error_type: type, *patterns: str) -> str:
+    """Run in-process; assert the exception type, each regex in its message, and a failed record."""
+    with pytest.raises(error_type) as info:
+        run_in_process(overrides, out)
+    message = str(info.value)
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not in: {message}"
+    record = assert_not_completed(out, message)
+    assert record is not None, "the run started, so it must leave a failed record"
+    assert "traceback" in record
+    return message
+
+
+def tiny(data_dir: Path, *more: str) -> list[str]:
+    return [*TINY_RUN, "save_checkpoint=false", f"data_dir={data_dir}", *more]
+
+
+# --------------------------------------------------------------------------- Hydra: the command line
+@pytest.mark.parametrize("override,patterns", [
+    ("method=nope", [r"Could not find 'method/nope'", r"Available options in 'method'"]),
+    # `+foo=1` is allowed (it adds a key); a key missing from an existing group is a typo.
+    ("optim.nope=1", [r"Could not override 'optim.nope'", r"To append to your config use \+optim.nope=1"]),
+])
+def test_unknown_option_or_key_is_a_hydra_error(override, patterns, tmp_path):
+    proc = run_cli([override, "model=tiny-bert", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    for pattern in patterns:
+        assert re.search(pattern, proc.stderr), proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_lr_index_outside_the_preset_grid(tmp_path, data_dir):
+    proc = run_cli(["experiment=cpu_minilm_table", "model=tiny-bert", "logger=none", "method=gem", "lr_index=5",
+                    f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=180)
+    assert proc.returncode != 0
+    assert "lr_index=5 is outside lr_grids.gem (which has 2 entries)" in proc.stderr, proc.stderr[-2000:]
+    assert "use lr_index between 0 and 1" in proc.stderr
+    assert_not_completed(tmp_path)
+
+
+# --------------------------------------------------------------------------- method settings
+@pytest.mark.parametrize("override,patterns", [
+    ("method.density=0", [r"method\.density=0 is impossible", r"must lie in \(0, 1\)"]),
+    ("method.density=1.5", [r"method\.density=1\.5 is impossible", r"must lie in \(0, 1\)"]),
+    ("method.num_grad_samples=0", [r"method\.num_grad_samples=0", r"set it to at least 1"]),
+])
+def test_impossible_gem_settings(override, patterns, tmp_path, data_dir):
+    from gem.methods import MethodError
+
+    fails_in_process(tiny(data_dir, "method=gem", override), tmp_path / "run", MethodError, *patterns)
+
+
+@pytest.mark.parametrize("method,override", [
+    ("gem", "model.target_modules=[q_proj]"),      # a model without the configured projections
+    ("lora", "method.target_modules=[qeury]"),     # a typo: names that match nothing
+])
+def test_target_modules_matching_nothing_list_the_linear_names(method, override, tmp_path, data_dir):
+    from gem.methods import MethodError
+
+    fails_in_process(tiny(data_dir, f"method={method}", override), tmp_path / "run", MethodError,
+                     r"match no linear layer", r"linear layers are named \[.*'query'.*'value'.*\]",
+                     r"Set model\.target_modules \(or method\.target_modules\)")
+
+
+def test_nan_gradients_leave_no_usable_signal():
+    """A loss that turns NaN in the gradient pass: every matrix is excluded, so selection refuses."""
+    import torch
+
+    from gem.core.gradient_pass import accumulate_gradients, training_loss
+    from gem.methods import build_method
+    from gem.models.tiny import tiny_bert
+
+    loaded = tiny_bert()
+    method = build_method("gem", ["query", "value"], num_grad_samples=4)
+    model = method.prepare(loaded.model, loaded.head_parameter_names)
+    ids = torch.randint(1000, 2000, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    grads, seen = accumulate_gradients(model, [batch], method.target_weights(model),
+                                       loss_fn=lambda m, b: training_loss(m, b) * float("nan"))
+    assert seen == 4 and all(torch.isnan(g).all() for g in grads.values())
+    with pytest.raises(ValueError, match=r"no usable signal.*NaN/inf gradients.*check the loss"):
+        method.select(model, grads, seen)
+    assert not method.selected
+
+
+# --------------------------------------------------------------------------- data
+def test_empty_train_split_after_sampling(tmp_path, data_dir):
+    from gem.data import DataError
+
+    fails_in_process(tiny(data_dir, "method=bitfit", "task.num_train=0"), tmp_path / "run", DataError,
+                     r"sampled train split is empty", r"set task\.num_train to at least 1")
+
+
+def test_label_outside_the_label_set_names_the_example(tmp_path):
+    from gem.data import DataError
+
+    data = write_rte(tmp_path / "data", rte_rows(i3={"label": "maybe"}))
+    fails_in_process(tiny(data, "method=bitfit"), tmp_path / "run", DataError,
+                     r"example rte/train/3 has label 'maybe'", r"outside the label set \['entailment', 'not_entailment'\]")
+
+
+def test_missing_data_file_names_it_and_the_layout(tmp_path):
+    from gem.data import DataError
+
+    data = write_rte(tmp_path / "data", rte_rows(), files=("val.jsonl",))  # no train.jsonl
+    fails_in_process(tiny(data, "method=bitfit"), tmp_path / "run", DataError,
+                     r"missing file\(s\) \S*/super_glue/RTE/train\.jsonl\.", r"Expected layout under",
+                     r"train: .*super_glue/RTE/train\.jsonl; test: .*super_glue/RTE/val\.jsonl")
+
+
+def test_max_length_beyond_the_model_is_clamped_with_a_note(tmp_path, caplog):
+    """Decision: a task.max_length longer than the model's position table (tiny-bert: 512) is clamped
+    to it, with a warning and a note in the record (unclamped, a 700-token example crashes BERT)."""
+    long_rows = rte_rows(i0={"premise": " ".join(["word"] * 700)}, i1={"premise": " ".join(["other"] * 700)})
+    data = write_rte(tmp_path / "data", long_rows)
+    overrides = [*TINY_RUN, "method=bitfit", "save_checkpoint=false", f"data_dir={data}", "task.max_length=4096",
+                 "task.num_train=8", "task.num_dev=8", "task.num_test=24"]  # the test split holds both long rows
+    with caplog.at_level("WARNING"):
+        record = run_in_process(overrides, tmp_path / "run")
+    assert record["status"] == "completed"
+    note = "max_length 4096 (task.max_length, or model.max_length for decoders) exceeds what the model can embed " \
+           "(512 positions); sequences are truncated to 512 instead"
+    assert note in record["data"]["notes"]
+    assert note in caplog.text
+
+
+# --------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def sparse_checkpoint(tmp_path):
+    """A sparse-mask checkpoint (random_mask needs no gradient pass) of tiny-bert seed 0, and a loader."""
+    from gem.methods import build_method
+    from gem.models.tiny import tiny_bert
+
+    loaded = tiny_bert()
+    method = build_method("random_mask", ["query", "value"], density=0.001)
+    model = method.prepare(loaded.model, loaded.head_parameter_names)
+    method.select(model, seed=0)
+    directory = method.save(model, tmp_path / "checkpoint", extra_config={"base_model": "tiny:bert"})
+
+    def load_into_fresh(seed: int = 0):
+        fresh_loaded = tiny_bert(seed=seed)
+        fresh = build_method("random_mask", ["query", "value"], density=0.001)
+        fresh.load(fresh.prepare(fresh_loaded.model, fresh_loaded.head_parameter_names), directory)
+        return fresh
+
+    assert load_into_fresh().selected  # the intact checkpoint loads
+    return directory, load_into_fresh
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_sparse_delta_is_a_clear_error(sparse_checkpoint):
+    from gem.core.delta import DeltaError
+
+    directory, load_into_fresh = sparse_checkpoint
+    truncate(directory / "delta" / "sparse_delta.safetensors")
+    with pytest.raises(DeltaError, match=r"sparse_delta\.safetensors is corrupt.*truncated.*copy the checkpoint"):
+        load_into_fresh()
+
+
+def test_truncated_head_or_trained_file_is_a_clear_error(sparse_checkpoint, tmp_path):
+    from gem.methods import MethodError, build_method
+    from gem.models.tiny import tiny_bert
+
+    directory, load_into_fresh = sparse_checkpoint
+    truncate(directory / "head.safetensors")
+    with pytest.raises(MethodError, match=r"head\.safetensors is corrupt or truncated.*copy it again"):
+        load_into_fresh()
+
+    loaded = tiny_bert()
+    bitfit = build_method("bitfit", ["query", "value"])
+    model = bitfit.prepare(loaded.model, loaded.head_parameter_names)
+    saved = bitfit.save(model, tmp_path / "bitfit")
+    truncate(saved / "trained.safetensors")
+    with pytest.raises(MethodError, match=r"trained\.safetensors is corrupt or truncated.*save_checkpoint=true"):
+        bitfit.load(model, saved)
+
+
+def test_delta_for_another_base_model_is_rejected(sparse_checkpoint):
+    from gem.core.delta import DeltaError
+
+    _, load_into_fresh = sparse_checkpoint
+    # tiny-bert with model.seed=1 has the same architecture and different pre-trained weights.
+    with pytest.raises(DeltaError, match=r"made for base model 'tiny:bert' with fingerprint.*load the base model named"):
+        load_into_fresh(seed=1)
+
+
+# --------------------------------------------------------------------------- the record and training
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_full_disk_keeps_the_previous_record(failing, tmp_path, monkeypatch):
+    import gem.records
+    from gem.records import RecordError, RunRecord
+
+    record = RunRecord(tmp_path, method="gem", task="rte", model="tiny-bert", seed=1, config={"seed": 1})
+    record.write()
+    before = (tmp_path / "results.json").read_text()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gem.records.os, failing, no_space)
+    record.data["metrics"] = {"test/acc": 1.0}
+    with pytest.raises(RecordError, match=r"could not write the run record .*results\.json.*No space left on device"
+                                          r".*Free disk space"):
+        record.finish("completed")
+    monkeypatch.undo()
+    assert (tmp_path / "results.json").read_text() == before
+    assert json.loads(before)["status"] == "running"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_non_finite_loss_names_the_learning_rate(tmp_path, data_dir):
+    from gem.lit.module import NonFiniteLossError
+
+    fails_in_process(tiny(data_dir, "method=full", "optim.lr=1e30"), tmp_path / "run", NonFiniteLossError,
+                     r"training loss is (nan|inf)", r"lower optim\.lr \(now 1e\+30\)")
