@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -132,6 +133,29 @@ def run(cfg: DictConfig) -> dict:
     return record.data
 
 
+def _resume_checkpoint_callback(cfg: DictConfig, run_dir: Path):
+    settings = cfg.get("resume_checkpoints") or {}
+    if not settings.get("save_last", False):
+        return None
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=run_dir / "lightning", save_last=True, save_top_k=0,
+                           every_n_train_steps=settings.get("every_n_train_steps"), save_on_train_epoch_end=True)
+
+
+def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str | None:
+    """`ckpt_path=last` means this run folder's own last checkpoint; a clear error if there is none."""
+    requested = cfg.get("ckpt_path")
+    if not requested:
+        return None
+    path = run_dir / "lightning" / "last.ckpt" if str(requested) == "last" else Path(requested)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={requested}: no checkpoint at {path}. Resume with the killed run's folder "
+                                f"(hydra.run.dir=<its run dir>) and resume_checkpoints.save_last=true")
+    record.update(resumed_from=str(path))
+    return str(path)
+
+
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     L.seed_everything(int(cfg.seed), workers=True)
     logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
@@ -164,13 +188,16 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers))
     callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
+    callbacks += [resume_checkpoint] if resume_checkpoint else []
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                                 enable_checkpointing=resume_checkpoint is not None)
     if trainer.logger:
         # The resolved config (secrets removed), so wandb filters like config.task.name work.
         trainer.logger.log_hyperparams(record.data["config"])
 
     with record.phase("fit"):
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(cfg, run_dir, record))
     module.restore_best()
     with record.phase("test"):
         trainer.test(module, datamodule=datamodule, verbose=False)
@@ -181,6 +208,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
               "tuned": tuned, "head": method.head_count(model), "tuned_pct": 100.0 * tuned / total}
     metrics = {**module.best_dev, **module.test_results}
     record.update(metrics=metrics, params=params, best_epoch=module.best_epoch, history=module.history)
+    if resume_checkpoint and not cfg.resume_checkpoints.get("keep_after_success", False):
+        shutil.rmtree(run_dir / "lightning", ignore_errors=True)
     if cfg.save_checkpoint:
         with record.phase("save"):
             checkpoint = method.save(model, run_dir / "checkpoint",

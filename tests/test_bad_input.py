@@ -108,6 +108,7 @@ def test_impossible_gem_settings(override, patterns, tmp_path, data_dir):
 @pytest.mark.parametrize("method,override", [
     ("gem", "model.target_modules=[q_proj]"),      # a model without the configured projections
     ("lora", "method.target_modules=[qeury]"),     # a typo: names that match nothing
+    ("gem", "model.target_modules=[query,valu]"),  # one name right, one typo: never a silent half-method
 ])
 def test_target_modules_matching_nothing_list_the_linear_names(method, override, tmp_path, data_dir):
     from gem.methods import MethodError

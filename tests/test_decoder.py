@@ -3,6 +3,7 @@ scoring, and every method end to end on the tiny LLaMA (RTE and GSM8k, a few exa
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -227,6 +228,8 @@ def test_mbpp_runs_with_pass_at_1(data_dir, tmp_path):
                           "task.num_test=2", "task.num_dev=2", "task.generation.max_new_tokens=4"], tmp_path)
     assert rec["status"] == "completed" and rec["main_metric"] == "test/pass@1"
     assert not math.isnan(rec["metrics"]["test/pass@1"])
+    rows = [json.loads(line) for line in (tmp_path / "generations_test.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"uid", "generation", "pass@1"} <= set(rows[0])
 
 
 def test_single_token_shortcut_matches_full_scoring(offline_tiny):

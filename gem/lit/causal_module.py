@@ -9,7 +9,8 @@ Batches come from `gem.data.causal_collate` (left-padded; prompts from `gem.data
   (token-averaged over the batch); dev and test are scored from greedy generations
   (`generation.max_new_tokens`, cut at `generation.stop` strings): token F1 / EM for SQuAD,
   exact match of the final number for GSM8k, pass@1 of the generated code in the sandbox
-  (`gem.sandbox.run_untrusted`) for MBPP. The LM loss on dev/test is logged as dev/loss.
+  (`gem.sandbox.run_untrusted`) for MBPP. The LM loss on dev/test is logged as dev/loss; the
+  test generations and their scores are written to <run dir>/generations_test.jsonl.
 
 Best-dev-epoch selection, restoring that state before testing, and the optimizer are shared
 with the encoder path (`gem.lit.module.BestEpochModule`); metrics are keyed "dev/<name>" and
@@ -19,7 +20,9 @@ with the encoder path (`gem.lit.module.BestEpochModule`); metrics are keyed "dev
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,3 +246,10 @@ class CausalLMModule(BestEpochModule):
 
     def on_test_epoch_end(self):
         self._test_epoch_done(self._compute("test"))
+        if self.generative and self.trainer.is_global_zero and self.trainer.default_root_dir:
+            # What the model wrote, next to the run record: <run dir>/generations_test.jsonl
+            path = Path(self.trainer.default_root_dir) / "generations_test.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as handle:
+                for row in self.generations["test"]:
+                    handle.write(json.dumps(row) + "\n")

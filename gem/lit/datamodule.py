@@ -2,11 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order that is a function of (seed, epoch) alone.
+
+    Lightning calls `set_epoch` before every epoch, so a run resumed at epoch e sees the
+    same order as an uninterrupted one (a generator seeded once would not).
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.skip = 0  # examples of this epoch already trained on before a resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+class ResumableDataLoader(DataLoader):
+    """A training loader whose position inside an epoch travels in Lightning's checkpoints.
+
+    Lightning saves `state_dict()` of stateful loaders with its checkpoints and hands it back
+    through `load_state_dict()` on resume; the sampler then skips what the killed run had
+    already trained on in that epoch, so a mid-epoch resume sees exactly the remaining batches.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_yielded = 0
+
+    def __iter__(self):
+        self.batches_yielded = self.sampler.skip // int(self.batch_size)  # a resumed epoch counts on
+        for batch in super().__iter__():
+            self.batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.skip = int(state["batches_yielded"]) * int(self.batch_size)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -21,9 +71,14 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def _loader(self, examples, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        # A private generator: a DataLoader without one draws its workers' base seed from the global
+        # generator at every new iterator, which would shift dropout's random stream after a resume.
+        generator = torch.Generator().manual_seed(self.seed)
+        if not shuffle:
+            return DataLoader(examples, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                              generator=generator)
+        return ResumableDataLoader(examples, batch_size=batch_size, sampler=EpochSeededSampler(len(examples), self.seed),
+                                   collate_fn=self.collate, num_workers=self.num_workers, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.task.train, self.batch_size, shuffle=True)

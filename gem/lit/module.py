@@ -91,19 +91,51 @@ class BestEpochModule(L.LightningModule):
         self.test_results = values
         self.log_dict(self.test_results)
 
+    # --- resuming: the best-epoch bookkeeping travels in Lightning's checkpoint ---------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_epoch_tracking"] = {"history": self.history, "best_epoch": self.best_epoch,
+                                             "best_dev": self.best_dev, "best_state": self.best_state}
+        # Dropout draws from the global generator: without its state a resumed run diverges.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("best_epoch_tracking", {})
+        self.history = list(state.get("history", []))
+        self.best_epoch = state.get("best_epoch")
+        self.best_dev = dict(state.get("best_dev", {}))
+        self.best_state = state.get("best_state")
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     def restore_best(self) -> None:
         """Load the best dev epoch's trained state back into the model before testing."""
         if self.best_state is not None:
             self.method.load_saved(self.model, self.best_state)
 
     # --- optimisation ------------------------------------------------------------------
+    def total_training_steps(self) -> int:
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        examples = len(trainer.datamodule.task.train)
+        batches = math.ceil(examples / (trainer.datamodule.batch_size * max(1, trainer.world_size)))
+        if trainer.limit_train_batches is not None and isinstance(trainer.limit_train_batches, int):
+            batches = min(batches, trainer.limit_train_batches)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches) * int(trainer.max_epochs))
+
     def configure_optimizers(self):
         groups = self.method.optimizer_param_groups(self.model, self.optim["weight_decay"])
         if not groups:
             raise RuntimeError(f"method {self.method.name} left no trainable parameter; nothing to optimise")
         optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
                                       eps=self.optim["eps"])
-        total = int(self.trainer.estimated_stepping_batches)
+        # Not trainer.estimated_stepping_batches: it builds the train loader before a checkpoint is
+        # restored, and Lightning then never hands the loader its saved position (mid-epoch resume).
+        total = self.total_training_steps()
         warmup = int(self.optim.get("warmup_ratio", 0.0) * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.optim.get("scheduler", "constant"), warmup, total))

@@ -41,6 +41,13 @@ class SparseSelection(L.Callback):
             # Pre-trained values of everything the method must not change (CPU copy).
             self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                               if not self.method._is_head(n)}
+        if trainer.ckpt_path:
+            # Resuming: the masks are part of the checkpoint; no new gradient pass (which could
+            # differ on non-deterministic hardware). Lightning then restores deltas and optimizer.
+            masks = masks_from_checkpoint(trainer.ckpt_path)
+            self.method.inject_masks(model, masks)
+            log.info("%s: %d masks restored from %s", self.method.name, len(masks), trainer.ckpt_path)
+            return
         start = time.perf_counter()
         grads, seen = None, 0
         if self.method.needs_gradients:
@@ -91,6 +98,13 @@ class SparseSelection(L.Callback):
             log.error("%d entries changed outside the mask: the sparse training is broken", outside)
         self._update_record()
 
+    def state_dict(self) -> dict:
+        return {"summary": self.summary}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.summary = dict(state_dict.get("summary", {}))
+        self._update_record()
+
     def _update_record(self) -> None:
         if self.record is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             self.record.update(gem=self.summary)
@@ -110,6 +124,18 @@ class SparseSelection(L.Callback):
             logger.log_image("gem/allocation", [str(png_path)])
             logger.log_table("gem/allocation_table", columns=list(rows[0]),
                              data=[[r[c] for c in rows[0]] for r in rows])
+
+
+def masks_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The selected flat indices per matrix, as saved in a Lightning checkpoint's state dict."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    suffix = ".indices"
+    masks = {key[len(prefix):-len(suffix)]: value for key, value in checkpoint["state_dict"].items()
+             if key.startswith(prefix) and key.endswith(suffix)}
+    if not masks:
+        raise ValueError(f"checkpoint {path} holds no sparse masks (no '*{suffix}' tensors): was it saved by a "
+                         f"run of another method? Resume with the method that made it")
+    return masks
 
 
 def plot_allocation(rows: list[dict], path: Path, title: str = "") -> Path:

@@ -133,19 +133,22 @@ def load_checkpoint_file(path: str | Path, method_name: str = "checkpoint") -> d
 def find_target_linears(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Linear]:
     """Linear layers whose name ends with one of `target_modules` (PEFT's convention).
 
-    Raises a clear error when nothing matches, so a typo in a model config or a model
-    without the target projections never trains silently with an empty method.
+    Raises a clear error when any target name matches nothing, so a typo in a model config
+    (`[query, valu]`) or a model without the target projections never trains silently with
+    fewer matrices than asked for.
     """
     targets = list(target_modules)
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    }
-    if not found:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    found = {name: module for name, module in linears.items() if any(matches(name, t) for t in targets)}
+    unmatched = [t for t in targets if not any(matches(name, t) for name in linears)]
+    if not targets or unmatched:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise MethodError(
-            f"target modules {targets} match no linear layer of {type(model).__name__}; "
+            f"target modules {unmatched or targets} match no linear layer of {type(model).__name__}; "
             f"its linear layers are named {linear_names}. Set model.target_modules (or "
             f"method.target_modules) to the right names."
         )

@@ -113,8 +113,14 @@ class SparseMask(Method):
             masks = select_masks(scores, self.budgets)
         self.allocation = B.allocation_table(scores, self.budgets) if o["score"] != "random" else \
             [{"name": n, "numel": s.numel(), "budget": self.budgets[n]} for n, s in scores.items()]
+        return self.inject_masks(model, masks)
+
+    def inject_masks(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Make the masked entries trainable (also used to restore masks when resuming)."""
         masks = {n: idx for n, idx in masks.items() if idx.numel() > 0}
-        inject_sparse_deltas(model, masks, init=o["delta_init"])
+        inject_sparse_deltas(model, masks, init=self.options["delta_init"])
+        self.budgets = {n: int(masks[n].numel()) if n in masks else 0 for n in self.targets} \
+            if not self.budgets else self.budgets
         return masks
 
     def callbacks(self, *, datamodule, record=None, run_dir=None, seed: int = 0, **_) -> list:
