@@ -1,0 +1,18 @@
+"""The committed table is exactly what the table command makes of the committed records."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+TABLE_COMMAND = [sys.executable, "-m", "gem.tables", "results/runs", "--select-by", "dev"]
+
+
+@pytest.mark.skipif(not (RESULTS / "table.md").exists(), reason="no committed table yet")
+def test_table_command_reprints_the_committed_table_byte_for_byte():
+    made = subprocess.run(TABLE_COMMAND, cwd=RESULTS.parent, capture_output=True, text=True, check=True)
+    assert made.stdout == (RESULTS / "table.md").read_text()
