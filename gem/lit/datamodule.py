@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -46,15 +49,21 @@ class ResumableDataLoader(DataLoader):
         self.batches_yielded = 0
 
     def __iter__(self):
-        self.batches_yielded = self.sampler.skip // int(self.batch_size)  # a resumed epoch counts on
+        skip = getattr(self.sampler, "skip", 0)
+        self.batches_yielded = skip // int(self.batch_size)  # a resumed epoch counts on
         for batch in super().__iter__():
             self.batches_yielded += 1
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_yielded": self.batches_yielded}
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(self.sampler, EpochSeededSampler):
+            # Under DDP Lightning wraps the sampler per rank; the position inside the epoch is
+            # not restored there, and the interrupted epoch starts again from its beginning.
+            log.warning("resuming under a distributed sampler: the interrupted epoch restarts from its first batch")
+            return
         self.sampler.set_epoch(int(state["epoch"]))
         self.sampler.skip = int(state["batches_yielded"]) * int(self.batch_size)
 

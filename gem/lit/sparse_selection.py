@@ -62,12 +62,14 @@ class SparseSelection(L.Callback):
         start = time.perf_counter()
         masks = self.method.select(model, grads, seen, seed=self.seed)
         selection_math_s = time.perf_counter() - start
+        ranks_agreeing = check_masks_agree_across_ranks(masks)
         tuned = sum(m.numel() for m in masks.values())
         self.summary = {
             "budget": self.method.total_budget, "tuned": tuned, "gradient_samples": seen,
             "budgets": dict(self.method.budgets), "gradient_pass_s": round(gradient_pass_s, 3),
             "selection_math_s": round(selection_math_s, 3),
             "delta_init": self.method.options["delta_init"], "threshold": self.method.options["threshold"],
+            "ranks_with_identical_masks": ranks_agreeing,
         }
         log.info("%s: %d entries selected of K=%d over %d matrices (gradient pass %.1fs on %d examples)",
                  self.method.name, tuned, self.method.total_budget, len(masks), gradient_pass_s, seen)
@@ -124,6 +126,26 @@ class SparseSelection(L.Callback):
             logger.log_image("gem/allocation", [str(png_path)])
             logger.log_table("gem/allocation_table", columns=list(rows[0]),
                              data=[[r[c] for c in rows[0]] for r in rows])
+
+
+def check_masks_agree_across_ranks(masks: dict[str, torch.Tensor]) -> int:
+    """Under DDP, verify every rank selected the same entries; return the number of ranks.
+
+    Each rank holds its own copy of the deltas and DDP averages their gradients, which is
+    only meaningful when every rank tuned the same entries.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    # Per matrix: count and an order-sensitive checksum of the flat indices.
+    summary = torch.tensor([v for idx in masks.values() for v in
+                            (idx.numel(), int((idx.cpu() * torch.arange(1, idx.numel() + 1)).sum()))],
+                           dtype=torch.long)
+    gathered = [torch.zeros_like(summary) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, summary)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("GEM selected different masks on different DDP ranks; the gradient sums were not "
+                           "all-reduced identically (check that every rank sees the same model and data)")
+    return len(gathered)
 
 
 def masks_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:

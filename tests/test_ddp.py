@@ -1,0 +1,37 @@
+"""DDP on the CPU (2 processes, gloo): the same masks on both ranks and as in one process; one record."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RUN, run_cli
+
+ARGS = [*TINY_RUN, "method=gem", "method.num_grad_samples=32", "task.num_train=32"]
+
+
+def test_ddp_cpu_masks_match_single_process_and_one_record(data_dir, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert run_cli([*ARGS, f"data_dir={data_dir}", f"hydra.run.dir={single}"], cwd=tmp_path).returncode == 0
+    result = run_cli([*ARGS, f"data_dir={data_dir}", f"hydra.run.dir={ddp}", "trainer=ddp_cpu",
+                      "trainer.accelerator=cpu"], cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    records = list(ddp.rglob("results.json"))
+    assert records == [ddp / "results.json"]  # written once, by rank 0
+    record = json.loads(records[0].read_text())
+    assert record["status"] == "completed"
+    # Both ranks' masks were compared at selection time (all_gather of per-matrix checksums).
+    assert record["gem"]["ranks_with_identical_masks"] == 2
+    # Each rank summed half of the 32 gradient-pass examples; the all-reduce covers all 32 once.
+    assert record["gem"]["gradient_samples"] == 32
+    assert record["gem"]["changed_outside_mask"] == 0
+
+    # The same masks as one process on the same data (scores agree up to summation order).
+    one = load_file(single / "checkpoint" / "delta" / "sparse_delta.safetensors")
+    two = load_file(ddp / "checkpoint" / "delta" / "sparse_delta.safetensors")
+    assert torch.equal(one["gaps"], two["gaps"])
+    assert json.loads((single / "checkpoint" / "delta" / "delta_config.json").read_text())["matrices"] == \
+        json.loads((ddp / "checkpoint" / "delta" / "delta_config.json").read_text())["matrices"]
