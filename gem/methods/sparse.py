@@ -119,8 +119,8 @@ class SparseMask(Method):
         """Make the masked entries trainable (also used to restore masks when resuming)."""
         masks = {n: idx for n, idx in masks.items() if idx.numel() > 0}
         inject_sparse_deltas(model, masks, init=self.options["delta_init"])
-        self.budgets = {n: int(masks[n].numel()) if n in masks else 0 for n in self.targets} \
-            if not self.budgets else self.budgets
+        if not self.budgets:  # restored masks (resume): the budgets are what was selected
+            self.budgets = {n: int(masks[n].numel()) if n in masks else 0 for n in self.targets}
         return masks
 
     def callbacks(self, *, datamodule, record=None, run_dir=None, seed: int = 0, **_) -> list:
