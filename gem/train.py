@@ -171,8 +171,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     notes = [*task.notes, *([clamp_note] if clamp_note else [])]
     record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": notes},
                   method_settings=method.describe())
-    for note in notes:
-        log.warning(note)
+    if clamp_note:  # the data layer logs its own notes when it makes them
+        log.warning(clamp_note)
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if loaded.kind == "decoder":  # prompts + candidate scoring / generation (gem.lit.causal_module)

@@ -56,6 +56,8 @@ def load_task(task_cfg: Any, data_dir: str | os.PathLike | None = None, seed: in
     else:
         pools, source, fallback = _read_hub(spec), _hub_label(spec), False
     train, dev, test, notes = _sample(spec, pools, int(seed), fallback)
+    for note in notes:  # every protocol deviation is logged once, here
+        log.warning(note)
     log.info("task %s from %s: train/dev/test = %d/%d/%d (seed %d, test_seed %d)",
              spec.name, source, len(train), len(dev), len(test), seed, spec.test_seed)
     return TaskData(name=spec.name, kind=spec.kind, label_names=list(spec.label_names),
@@ -75,7 +77,6 @@ def _sample(spec: TaskSpec, pools: dict[str, list[dict]], seed: int, fallback: b
                 f"protocol fallback: test = {len(test)} of the {len(val)} '{spec.split_name('test')}' rows "
                 f"(fixed test_seed={spec.test_seed}, at most half), train/dev drawn with seed {seed} from the "
                 f"other {len(train_pool)} rows of that split; not comparable to runs with the official train split")
-        log.warning(note)
         notes.append(note)
     else:
         test = [val[i] for i in draw_test(len(val), spec.num_test, spec.test_seed)]
