@@ -21,8 +21,16 @@ Same model, same synthetic batch, for `full`, `bitfit`, `lora`, `adapter` and `g
 * **checkpoint**: bytes of every file `method.save(model, dir)` writes.
 * **GEM**: the gradient pass (`--grad-batches` batches) and the selection math are
   timed separately.
+* **backward_floor** (a reference row, `--methods ...,backward_floor`): the frozen model
+  with one trainable scalar on the embedding output (and the task head), so the step is
+  forward + the input-gradient backward through every layer, with no weight gradient at
+  all. A method that tunes anything in the first layer (GEM, LoRA, BitFit, adapters)
+  cannot step faster than this; `method / backward_floor` is that method's own overhead,
+  and `backward_floor / full` is the lowest step-time ratio to full FT this model, batch
+  and device allow.
 
     python experiments/benchmark.py                         # MiniLM, CPU, all methods
+    python experiments/benchmark.py --model smollm2-135m --batch-size 4   # the decoder (paper's family)
     python experiments/benchmark.py --methods lora,gem --steps 20 --json results/bench.json
     python experiments/benchmark.py --device cuda --precision bf16 --model roberta-base
 """
@@ -49,7 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-ALL_METHODS = ["full", "bitfit", "lora", "adapter", "gem"]
+ALL_METHODS = ["full", "bitfit", "lora", "adapter", "gem", "backward_floor"]
+REFERENCE_ROWS = ("backward_floor",)
 DEFAULT_MODEL = {"name": "minilm", "pretrained": "packaged:minilm", "kind": "encoder",
                  "target_modules": ["query", "value"]}
 RESULT_PREFIX = "BENCH_RESULT "
@@ -175,13 +184,32 @@ def gem_gradient_pass(args, model, method, tokenizer, kind, device) -> tuple[dic
     return grads, seen, time.perf_counter() - start
 
 
+def backward_floor_method():
+    """The `backward_floor` reference row: nothing of the model trains but a scalar gate."""
+    from gem.methods.base import Method
+
+    class BackwardFloor(Method):
+        name = "backward_floor"
+
+        def prepare(self, model, head_parameter_names=()):
+            embeddings = model.get_input_embeddings()
+            embeddings.benchmark_gate = torch.nn.Parameter(torch.ones((), device=embeddings.weight.device))
+            embeddings.register_forward_hook(lambda module, args, out: out * module.benchmark_gate)
+            return super().prepare(model, head_parameter_names)
+
+        def is_method_parameter(self, name: str) -> bool:
+            return name.endswith("benchmark_gate")
+
+    return BackwardFloor()
+
+
 def build(args, cfg: dict, name: str, device: torch.device, grads_file: str | None = None) -> dict:
     """A fresh model prepared for `name`, its AdamW, and (GEM) the selection timings."""
     from gem.methods import build_method
 
     torch.manual_seed(args.seed)
     loaded = load(args, cfg, device)
-    method = build_method(name, cfg.get("target_modules"))
+    method = backward_floor_method() if name == "backward_floor" else build_method(name, cfg.get("target_modules"))
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     info: dict[str, Any] = {}
     if hasattr(method, "select"):  # GEM and the sparse ablations
@@ -414,6 +442,13 @@ def markdown_table(results: dict[str, dict], ref: str = "full") -> str:
 def summary_lines(results: dict[str, dict]) -> list[str]:
     lines = []
     gem, lora, full = results.get("gem"), results.get("lora"), results.get("full")
+    floor = results.get("backward_floor")
+    if floor and full:
+        lines.append(f"backward_floor/full step time {_ratio(floor['step_time_s'], full['step_time_s'])}: the lowest "
+                     "ratio any method training the first layer can reach here (forward + input-gradient backward)")
+    if floor and gem:
+        lines.append(f"GEM/backward_floor step time {_ratio(gem['step_time_s'], floor['step_time_s'])}: GEM's own "
+                     "overhead (sparse gradients, mask bookkeeping, optimizer on K entries)")
     if gem and lora:
         lines.append(
             f"GEM vs LoRA: step time {_ratio(gem['step_time_s'], lora['step_time_s'])}, "
@@ -428,6 +463,8 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
         checks.append(("GEM/full step time <= 0.6", gem["step_time_s"] / full["step_time_s"], 0.6))
         checks.append(("GEM/full optimizer state <= 0.01",
                        gem["optimizer_state_numel"] / full["optimizer_state_numel"], 0.01))
+    if gem and floor:
+        checks.append(("GEM/backward_floor step time <= 1.05", gem["step_time_s"] / floor["step_time_s"], 1.05))
     if gem and lora:
         checks.append(("GEM/LoRA step time <= 1.1", gem["step_time_s"] / lora["step_time_s"], 1.1))
         if gem.get("peak_mem_bytes") and lora.get("peak_mem_bytes"):
@@ -450,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(RESULT_PREFIX + json.dumps(out), flush=True)
         return out
 
-    unknown = [m for m in args.methods if m not in __import__("gem.methods", fromlist=["METHODS"]).METHODS]
+    known = set(__import__("gem.methods", fromlist=["METHODS"]).METHODS) | set(REFERENCE_ROWS)
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
     wall = time.perf_counter()

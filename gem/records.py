@@ -53,6 +53,19 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
         return None
 
 
+def host_info() -> dict[str, Any]:
+    """Platform, CPU count and the visible GPUs (names; empty list on a CPU-only machine)."""
+    gpus: list[str] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken CUDA setup must not stop the record
+        gpus = ["unknown (CUDA query failed)"]
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus}
+
+
 def redact_secrets(value: Any) -> Any:
     """Drop values under keys that look like credentials, at any depth."""
     if isinstance(value, dict):
@@ -124,7 +137,7 @@ class RunRecord:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": git_commit(),
             "versions": package_versions(),
-            "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+            "host": host_info(),
             "config": redact_secrets(config),
         }
 

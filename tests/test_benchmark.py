@@ -44,3 +44,29 @@ def test_benchmark_smoke(tmp_path, capsys):
     # The checkpoint holds the selected entries (+ head), not the dense model.
     assert gem["checkpoint_bytes"] < 0.05 * full["checkpoint_bytes"]
     assert gem["checkpoint_bytes"] < 16 * (tuned + head) + 64 * 1024
+
+
+def test_backward_floor_row_trains_only_its_gate_and_the_head(capsys):
+    results = benchmark.main(["--model", TINY, "--methods", "full,gem,backward_floor", "--steps", "1",
+                              "--warmup", "1", "--grad-batches", "1", "--batch-size", "2", "--seq-len", "16",
+                              "--threads", "1", "--no-memory"])
+    printed = capsys.readouterr().out
+    assert "backward_floor/full step time" in printed and "GEM/backward_floor step time" in printed
+    floor = results["backward_floor"]
+    assert floor["tuned_entries"] == 1  # the scalar gate on the embedding output
+    assert floor["trainable_entries"] == 1 + floor["head_entries"]
+    # The gate's gradient is the whole input-gradient backward: one moment pair per trained tensor.
+    assert floor["optimizer_state_method_numel"] == 2
+
+
+def test_backward_floor_gate_receives_gradient_through_every_layer():
+    import torch
+
+    state = benchmark.build(benchmark.parse_args(["--batch-size", "2", "--seq-len", "8"]),
+                            json.loads(TINY), "backward_floor", torch.device("cpu"))
+    model = state["model"]
+    model(**state["batch"]).loss.backward()
+    gate = model.get_input_embeddings().benchmark_gate
+    assert gate.grad is not None and torch.isfinite(gate.grad) and gate.grad != 0
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)

@@ -13,6 +13,8 @@ from gem.core.sparse_linear import (
     inject_sparse_deltas,
     materialize,
     remove_sparse_deltas,
+    sddmm_supported,
+    selection_pattern,
     sparse_modules,
     sparse_weight_grad,
 )
@@ -94,6 +96,40 @@ def test_chunked_gather_matches_unchunked():
     dense = torch.einsum("...o,...i->oi", g, x)[rows, cols]
     torch.testing.assert_close(full, dense)
     torch.testing.assert_close(chunked, dense)
+
+
+def test_sampled_product_matches_gather_and_dense():
+    torch.manual_seed(0)
+    g, x = torch.randn(2, 9, 6), torch.randn(2, 9, 8)
+    flat = torch.sort(torch.randperm(48)[:13]).values  # sorted row-major, as modules keep them
+    rows, cols = flat // 8, flat % 8
+    pattern = selection_pattern(rows, cols, (6, 8))
+    assert sddmm_supported(torch.device("cpu"))  # else the CPU step falls back to the slower gather
+    sampled = sparse_weight_grad(g, x, rows, cols, pattern=pattern)
+    gathered = sparse_weight_grad(g, x, rows, cols)
+    dense = torch.einsum("...o,...i->oi", g, x)[rows, cols]
+    assert sampled.dtype == torch.float32
+    torch.testing.assert_close(sampled, dense)
+    torch.testing.assert_close(gathered, dense)
+    # bf16 activations (autocast): still accumulated in fp32, close to the fp32 sums of the same inputs
+    g16, x16 = g.bfloat16(), x.bfloat16()
+    want = torch.einsum("...o,...i->oi", g16.float(), x16.float())[rows, cols]
+    torch.testing.assert_close(sparse_weight_grad(g16, x16, rows, cols, pattern=pattern), want)
+
+
+def test_pattern_follows_loaded_indices_and_survives_copies():
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(8, 6)
+    module = SparseDeltaLinear(linear, random_indices(linear, 7, gen))
+    other = SparseDeltaLinear(nn.Linear(8, 6), random_indices(linear, 7, gen))
+    module(torch.randn(2, 8)).sum().backward()  # builds and caches the pattern
+    module.load_state_dict(other.state_dict())
+    assert torch.equal(module.selection_pattern().col_indices(), other.cols)
+    clone = copy.deepcopy(module)
+    x = torch.randn(3, 8)
+    clone(x).sum().backward()
+    other(x).sum().backward()
+    torch.testing.assert_close(clone.delta.grad, other.delta.grad)
 
 
 def test_bias_frozen_by_default_and_no_grad_for_it():

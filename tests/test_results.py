@@ -16,3 +16,12 @@ TABLE_COMMAND = [sys.executable, "-m", "gem.tables", "results/runs", "--select-b
 def test_table_command_reprints_the_committed_table_byte_for_byte():
     made = subprocess.run(TABLE_COMMAND, cwd=RESULTS.parent, capture_output=True, text=True, check=True)
     assert made.stdout == (RESULTS / "table.md").read_text()
+
+
+MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs"]
+
+
+@pytest.mark.skipif(not (RESULTS / "manifest.md").exists(), reason="no committed manifest yet")
+def test_manifest_command_reprints_the_committed_manifest_byte_for_byte():
+    made = subprocess.run(MANIFEST_COMMAND, cwd=RESULTS.parent, capture_output=True, text=True, check=True)
+    assert made.stdout == (RESULTS / "manifest.md").read_text()

@@ -30,12 +30,15 @@ optimizer sees k numbers per matrix (AdamW state: 2*k), weight decay acts on the
 delta only, and unselected entries are never written, so they stay bit-for-bit
 equal to the pre-trained weight by construction, not by careful masking.
 
-Trade-off, stated honestly: the dense gradient is a GEMM (compute-bound, very fast
-on accelerators) while the gather is memory-bound, O(T*k) reads/writes. The
-per-token cost of the gather wins when k is small relative to out*in (GEM's
-budgets give k ~ 0.1-1% of a matrix); the memory and optimizer savings hold for
-any k. The gather is chunked over tokens (`MAX_GATHER_ELEMENTS`) so that T*k never
-allocates more than a bounded temporary, whatever the model size or batch.
+How the k sums are computed: a sampled dense-dense product (SDDMM,
+`torch.sparse.sampled_addmm`) over a CSR pattern of the selected entries, built once
+per module. It does O(T*k) multiply-adds without materializing anything of size T*k,
+about 8x faster than the gather formulation on one CPU core (MiniLM, T=2048,
+k=5.8k: 6.6 ms against 56 ms) and as fast as the dense GEMM at that size. Where a
+device lacks the kernel (probed once per device type) the gather runs instead,
+chunked over tokens (`MAX_GATHER_ELEMENTS`) so that no temporary exceeds a bound.
+Both accumulate in fp32 whatever the activation dtype. The memory and optimizer
+savings hold for any k; the compute saving only while k is small relative to out*in.
 
 Why overwrite k weight entries before each forward (instead of a hook on the
 optimizer)? It is k writes (cheap), it keeps the forward an ordinary F.linear on a
@@ -48,6 +51,7 @@ checkpointing's recomputation, does not invalidate tensors saved for backward.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Literal
 
 import torch
@@ -62,20 +66,65 @@ MAX_GATHER_ELEMENTS = 2**26
 DeltaInit = Literal["zero", "w0"]
 
 
+def selection_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 CSR tensor of `shape` whose non-zeros are the (rows, cols) entries.
+
+    Entries must be sorted row-major (sorted flat indices are), so the CSR values of
+    any product sampled on this pattern come out in the same order as `rows`/`cols`.
+    """
+    num_rows = shape[0]
+    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
+    if rows.numel():
+        crow[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+    with warnings.catch_warnings():  # "CSR support is in beta": we rely only on sampled_addmm
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols.long(), torch.zeros(rows.numel(), device=rows.device),
+                                       size=shape, check_invariants=True)
+
+
+_SDDMM_SUPPORT: dict[str, bool] = {}
+
+
+def sddmm_supported(device: torch.device) -> bool:
+    """Whether torch.sparse.sampled_addmm runs (fp32, CSR) on this device type; probed once."""
+    kind = torch.device(device).type
+    if kind not in _SDDMM_SUPPORT:
+        try:
+            pattern = selection_pattern(torch.tensor([0, 1], device=device), torch.tensor([1, 0], device=device), (2, 2))
+            a = torch.ones(2, 3, device=device)
+            values = torch.sparse.sampled_addmm(pattern, a, a.T, beta=0.0).values()
+            _SDDMM_SUPPORT[kind] = bool(torch.allclose(values.cpu(), torch.full((2,), 3.0)))
+        except (RuntimeError, NotImplementedError):
+            _SDDMM_SUPPORT[kind] = False
+    return _SDDMM_SUPPORT[kind]
+
+
 def sparse_weight_grad(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
     max_elements: int = MAX_GATHER_ELEMENTS,
+    pattern: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dL/dW gathered at (rows, cols), computed without forming the dense gradient.
+    """dL/dW at (rows, cols), computed without forming the dense gradient.
 
     `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens.
-    Returns a float32 vector of length k, accumulated in fp32 whatever the input dtype.
+    With `pattern` (from `selection_pattern(rows, cols, (out, in))`, entries sorted
+    row-major) on a device with the kernel, one sampled product; otherwise a chunked
+    gather. Returns a float32 vector of length k, accumulated in fp32.
     """
     g = grad_out.reshape(-1, grad_out.shape[-1])
     xs = x.reshape(-1, x.shape[-1])
+    if pattern is not None and rows.numel() and g.shape[0] and sddmm_supported(g.device):
+        return torch.sparse.sampled_addmm(pattern, g.T.float(), xs.float(), beta=0.0).values()
+    return _gathered_weight_grad(g, xs, rows, cols, max_elements)
+
+
+def _gathered_weight_grad(
+    g: torch.Tensor, xs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, max_elements: int
+) -> torch.Tensor:
+    """sum_t g[t, rows] * xs[t, cols], chunked over tokens to bound the [t, k] temporaries."""
     k = rows.numel()
     result = torch.zeros(k, dtype=torch.float32, device=g.device)
     tokens = g.shape[0]
@@ -98,8 +147,9 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, rows, cols, max_elements):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, values, rows, cols, max_elements, pattern):  # type: ignore[override]
         ctx.save_for_backward(x, weight, rows, cols)
+        ctx.pattern = pattern  # a constant of the module, not an autograd input
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.values_dtype = values.dtype
         ctx.max_elements = max_elements
@@ -115,8 +165,9 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
-            grad_values = sparse_weight_grad(grad_out, x, rows, cols, ctx.max_elements).to(ctx.values_dtype)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+            grad_values = sparse_weight_grad(grad_out, x, rows, cols, ctx.max_elements,
+                                             ctx.pattern).to(ctx.values_dtype)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None
 
 
 def merged_values(base_values: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,6 +238,7 @@ class SparseDeltaLinear(nn.Module):
         start = base.to(dtype) if init == "w0" else torch.zeros_like(base, dtype=dtype)
         self.delta = nn.Parameter(start)
         self._synced_state: tuple | None = None
+        self._pattern: tuple[tuple, torch.Tensor] | None = None  # (key, CSR pattern), built lazily
         self.materialize()
 
     @property
@@ -210,6 +262,14 @@ class SparseDeltaLinear(nn.Module):
         if self._synced_state != self._state_key():
             self.materialize()
 
+    def selection_pattern(self) -> torch.Tensor:
+        """The CSR pattern of the selected entries (for the backward), cached per indices."""
+        key = (id(self.indices), self.indices.data_ptr(), self.indices._version, self.indices.device)
+        if self._pattern is None or self._pattern[0] != key:
+            pattern = selection_pattern(self.rows, self.cols, (self.out_features, self.in_features))
+            self._pattern = (key, pattern)
+        return self._pattern[1]
+
     def base_weight(self) -> torch.Tensor:
         """A dense copy of the pre-trained weight W0 (for fingerprints and checks)."""
         with torch.no_grad():
@@ -223,6 +283,13 @@ class SparseDeltaLinear(nn.Module):
             self.rows = self.indices // self.in_features
             self.cols = self.indices % self.in_features
         self._synced_state = None
+        self._pattern = None
+
+    def __getstate__(self):  # copies and pickles rebuild the CSR pattern instead of carrying it
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_pattern"] = None
+        return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         self._sync_weight()  # the saved weight is always base + current delta
@@ -233,7 +300,8 @@ class SparseDeltaLinear(nn.Module):
         self._sync_weight()
         if torch.is_grad_enabled() and self.delta.requires_grad:
             return SparseDeltaLinearFunction.apply(
-                x, self.weight, self.bias, self.delta, self.rows, self.cols, self.max_gather_elements
+                x, self.weight, self.bias, self.delta, self.rows, self.cols, self.max_gather_elements,
+                self.selection_pattern(),
             )
         return F.linear(x, self.weight, self.bias)
 
