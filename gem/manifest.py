@@ -20,11 +20,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .records import redact_secrets
+from .records import redact_override_text, redact_secrets
 from .tables import load_records, lookup
-
-_SECRET_HINTS = ("key", "token", "secret", "password")
-
 
 def run_overrides(run_dir: str | Path) -> list[str] | None:
     """The run's command-line overrides (Hydra's `.hydra/overrides.yaml`), secrets redacted."""
@@ -32,12 +29,7 @@ def run_overrides(run_dir: str | Path) -> list[str] | None:
     if not path.exists():
         return None
     overrides = yaml.safe_load(path.read_text()) or []
-    cleaned = []
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        secret = any(h in key.lower() for h in _SECRET_HINTS)
-        cleaned.append(f"{key}{sep}<redacted>" if sep and secret else str(item))
-    return cleaned
+    return [redact_override_text(str(item)) for item in overrides]
 
 
 def run_command(record: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -74,6 +75,53 @@ def redact_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
     return value
+
+
+_SECRET_OVERRIDE = re.compile(
+    r"((?:^|(?<=[,\s]))[+~]*[\w.\-/]*(?:" + "|".join(_SECRET_HINTS) + r")[\w.\-/]*=)([^,\s]*)", re.IGNORECASE)
+
+
+def redact_override_text(text: str) -> str:
+    """`logger.api_key=abc` -> `logger.api_key=<redacted>` wherever it appears in `text`
+    (a single override, or Hydra's comma-joined `override_dirname`)."""
+    return _SECRET_OVERRIDE.sub(r"\1<redacted>", text)
+
+
+def _redact_yaml_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else _redact_yaml_tree(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_yaml_tree(v) for v in value]
+    if isinstance(value, str):
+        return redact_override_text(value)
+    return value
+
+
+def redact_hydra_files(*folders: str | Path) -> list[Path]:
+    """Rewrite the YAML files Hydra saved (`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`,
+    a sweep's `multirun.yaml`) with secret-looking keys and overrides redacted.
+
+    Hydra writes them before the job starts, command-line overrides included, so a key passed
+    as `logger.api_key=...` would otherwise sit in the run folder in plain text. Files without
+    secrets are left untouched. Returns the files rewritten.
+    """
+    import yaml
+
+    rewritten: list[Path] = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.yaml")):
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            clean = _redact_yaml_tree(data)
+            if clean != data:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(yaml.safe_dump(clean, sort_keys=False))
+                os.replace(tmp, path)
+                rewritten.append(path)
+    return rewritten
 
 
 def process_rank() -> int:

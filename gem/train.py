@@ -25,7 +25,7 @@ from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.methods import build_method
 from gem.models import load_model
-from gem.records import RunRecord, process_rank
+from gem.records import RunRecord, process_rank, redact_hydra_files
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,28 @@ def fit_max_length(requested: int, model, tokenizer=None) -> tuple[int, str | No
                    f"model can embed ({limit} positions); sequences are truncated to {limit} instead")
 
 
+def _redact_hydra_output() -> None:
+    """Hydra saved the job's config and command-line overrides before the job started: take
+    secrets (an API key passed on the command line) out of those files, as out of the record."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or process_rank() != 0:
+        return
+    hydra_cfg = HydraConfig.get()
+    folders = []
+    if hydra_cfg.output_subdir is not None:
+        folders.append(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        folders.append(Path(hydra_cfg.sweep.dir))  # multirun.yaml
+    redact_hydra_files(*folders)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _redact_hydra_output()
     record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,
                        seed=int(cfg.seed), config=OmegaConf.to_container(cfg, resolve=True))
     record.write()

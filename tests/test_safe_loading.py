@@ -104,3 +104,40 @@ def test_secrets_never_reach_the_record_or_the_log(tmp_path, data_dir):
     assert "[gem] rte | bitfit" in log_text  # the log is the run's own, and it was written
     assert SECRET not in log_text
     assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    # Hydra's own copies of the config and the command line, rewritten before training
+    hydra_files = sorted((run_dir / ".hydra").glob("*.yaml"))
+    assert {f.name for f in hydra_files} >= {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    for path in hydra_files:
+        assert SECRET not in path.read_text(), path.name
+    assert "+logger.api_key=<redacted>" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_redaction_of_hydra_files_covers_overrides_dirnames_and_config_keys(tmp_path):
+    from gem.records import redact_hydra_files, redact_override_text
+
+    assert redact_override_text("+logger.api_key=abc") == "+logger.api_key=<redacted>"
+    assert (redact_override_text("method=gem,hub_token=abc,seed=1")
+            == "method=gem,hub_token=<redacted>,seed=1")
+    assert redact_override_text("task=rte") == "task=rte"
+    (tmp_path / "overrides.yaml").write_text("- task=rte\n- +logger.api_key=abc\n")
+    (tmp_path / "config.yaml").write_text("logger:\n  api_key: abc\n  name: csv\n")
+    (tmp_path / "hydra.yaml").write_text("hydra:\n  job:\n    override_dirname: +logger.api_key=abc,task=rte\n")
+    (tmp_path / "clean.yaml").write_text("# a comment stays\ntask: rte\n")
+    rewritten = redact_hydra_files(tmp_path)
+    assert {p.name for p in rewritten} == {"overrides.yaml", "config.yaml", "hydra.yaml"}
+    for path in tmp_path.glob("*.yaml"):
+        assert "abc" not in path.read_text()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"logger": {"api_key": "<redacted>", "name": "csv"}}
+    assert (tmp_path / "clean.yaml").read_text().startswith("# a comment stays")  # untouched
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_multirun_keeps_secrets_out_of_the_sweep_files(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY_RUN, "method=bitfit", "save_checkpoint=false", f"data_dir={data_dir}",
+                    f"+logger.api_key={SECRET}", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=cli_env(HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert any(p.name == "multirun.yaml" for p in files) and any(p.name == "results.json" for p in files)
+    leaking = [str(p.relative_to(sweep)) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaking
