@@ -68,12 +68,15 @@ def host_info() -> dict[str, Any]:
 
 
 def redact_secrets(value: Any) -> Any:
-    """Drop values under keys that look like credentials, at any depth."""
+    """Drop values under keys that look like credentials, and `key=value` overrides of such
+    keys inside strings, at any depth."""
     if isinstance(value, dict):
         return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact_secrets(v))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
+    if isinstance(value, str):
+        return redact_override_text(value)
     return value
 
 
@@ -85,17 +88,6 @@ def redact_override_text(text: str) -> str:
     """`logger.api_key=abc` -> `logger.api_key=<redacted>` wherever it appears in `text`
     (a single override, or Hydra's comma-joined `override_dirname`)."""
     return _SECRET_OVERRIDE.sub(r"\1<redacted>", text)
-
-
-def _redact_yaml_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else _redact_yaml_tree(v))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_yaml_tree(v) for v in value]
-    if isinstance(value, str):
-        return redact_override_text(value)
-    return value
 
 
 def redact_hydra_files(*folders: str | Path) -> list[Path]:
@@ -115,7 +107,7 @@ def redact_hydra_files(*folders: str | Path) -> list[Path]:
                 data = yaml.safe_load(path.read_text())
             except (OSError, yaml.YAMLError):
                 continue
-            clean = _redact_yaml_tree(data)
+            clean = redact_secrets(data)
             if clean != data:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(yaml.safe_dump(clean, sort_keys=False))
