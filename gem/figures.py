@@ -186,11 +186,16 @@ def plot_budgets(records: Sequence[dict], *, method: str | None = "gem", tasks: 
 def plot_density(records: Sequence[dict], *, metric: str | None = None, select_by: str | None = None,
                  sweep_keys: Sequence[str] = DEFAULT_SWEEP_KEYS, tasks: Sequence[str] | None = None,
                  methods: Sequence[str] | None = None):
-    """Score (×100, mean ± std over seeds) against density (%), one panel per task, one line per method."""
+    """Score (×100, mean ± std over seeds) against density (%), one panel per task, one line per method.
+
+    Tasks run at a single density (e.g. a main table's runs read along with a sweep) have no
+    curve and get no panel."""
     points = density_points(records, metric=metric, select_by=select_by, sweep_keys=sweep_keys, tasks=tasks,
                             methods=methods)
+    swept = {t for t in {p["task"] for p in points} if len({p["density"] for p in points if p["task"] == t}) > 1}
+    points = [p for p in points if p["task"] in swept]
     if not points:
-        return _empty(f"no completed runs with {DENSITY_KEY}")
+        return _empty(f"no task with completed runs at two or more values of {DENSITY_KEY}")
     task_list = sorted({p["task"] for p in points}, key=task_sort_key)
     models = sorted({p["model"] for p in points})
     plt = _pyplot()

@@ -350,3 +350,15 @@ def test_density_points_and_figure(tmp_path):
     out = tmp_path / "density.png"
     assert figures.main(["density", str(tmp_path), "--methods", "gem", "--output", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_density_figure_draws_only_swept_tasks(tmp_path):
+    from gem import figures
+
+    for density in (0.001, 0.01):
+        write_record(tmp_path, method="gem", task="rte", density=density, seed=1)
+    write_record(tmp_path, method="gem", task="cb", density=0.001, seed=1)  # one density: no curve
+    fig = figures.plot_density(load_records([tmp_path]))
+    assert [ax.get_title() for ax in fig.axes] == [figures.TASK_LABELS.get("rte", "rte")]
+    only_one = figures.plot_density(load_records([tmp_path]), tasks=["cb"])
+    assert "two or more" in only_one.axes[0].texts[0].get_text()
