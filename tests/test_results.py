@@ -18,7 +18,7 @@ def test_table_command_reprints_the_committed_table_byte_for_byte():
     assert made.stdout == (RESULTS / "table.md").read_text()
 
 
-MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs"]
+MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations"]
 
 
 @pytest.mark.skipif(not (RESULTS / "manifest.md").exists(), reason="no committed manifest yet")
