@@ -47,6 +47,10 @@ TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B",
                "boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "wic": "WiC",
                "squad": "SQuAD", "gsm8k": "GSM8k", "mbpp": "MBPP"}
 DEFAULT_SWEEP_KEYS = ("config.optim.lr",)
+# Settings that change what a number means: a cell pooling runs that differ in one of them
+# (and neither groups nor sweeps over it) gets a warning under the table.
+POOLING_CHECK_KEYS = ("config.method.density", "config.task.num_train", "config.trainer.max_epochs",
+                      "config.batch_size", "config.task.max_length")
 KEY_ALIASES = {"lr": "config.optim.lr", "density": "config.method.density", "seed": "seed"}
 FORMATS = ("md", "latex", "csv")
 _SCALE = 100.0
@@ -360,6 +364,7 @@ class _Entry:
     seed: Any
     sweep: tuple[str, ...]
     path: str
+    settings: tuple[str, ...] = ()
 
 
 def build_table(records: Sequence[dict], *, metric: str | None = None, group_by: Sequence[str] = (),
@@ -377,6 +382,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
         raise ValueError(f"select_by must be None or 'dev', not {select_by!r}")
     group_by = tuple(KEY_ALIASES.get(k, k) for k in group_by)
     sweep_keys = tuple(k for k in (KEY_ALIASES.get(k, k) for k in sweep_keys) if k not in group_by)
+    check_keys = tuple(k for k in POOLING_CHECK_KEYS if k not in group_by and k not in sweep_keys)
     left_out: dict[str, list[str]] = defaultdict(list)
     missing_metric: list[str] = []
     cells: dict[tuple, dict[str, list[_Entry]]] = defaultdict(lambda: defaultdict(list))
@@ -404,8 +410,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
         row_key = (model, method, tuple(format_value(v) for v in raw_group))
         row_info[row_key] = raw_group
         sweep = tuple(format_value(lookup(record, k)) for k in sweep_keys)
+        settings = tuple(format_value(lookup(record, k)) for k in check_keys)
         cells[row_key][task].append(_Entry(float(value) * _SCALE, float(dev) * _SCALE if _is_number(dev) else None,
-                                           record.get("seed"), sweep, path))
+                                           record.get("seed"), sweep, path, settings))
         main_metrics[task].add(key)
         pct = lookup(record, "params.tuned_pct")
         if _is_number(pct):
@@ -417,6 +424,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     rows: list[Row] = []
     mixed: list[str] = []
     repeated: list[str] = []
+    differing: list[str] = []
     selections: list[str] = []
     for row_key in ordered:
         model, method, group = row_key
@@ -446,6 +454,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
                 chosen_settings.append(f"{task}={','.join(best_setting)}")
             elif len(settings) > 1:
                 mixed.append(f"{label}/{task}")
+            varied = [k for i, k in enumerate(check_keys) if len({e.settings[i] for e in entries}) > 1]
+            if varied:
+                differing.append(f"{label}/{task} ({', '.join(varied)})")
             seeds = Counter(format_value(e.seed) for e in entries)
             dupes = sorted(s for s, c in seeds.items() if c > 1)
             if dupes:
@@ -487,6 +498,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     if repeated:
         notes.append(f"warning: {len(repeated)} cell(s) count a seed more than once "
                      f"(use --group-by to split them): {', '.join(repeated)}")
+    if differing:
+        notes.append(f"warning: {len(differing)} cell(s) pool runs that differ in a setting "
+                     f"(use --group-by to split them): {', '.join(differing)}")
     used = {t: sorted(main_metrics[t])[0] if len(main_metrics[t]) == 1 else "mixed" for t in shown_tasks
             if main_metrics.get(t)}
     return Table(rows=rows, tasks=shown_tasks, metric=metric, main_metrics=used, group_by=group_by,

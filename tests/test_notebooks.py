@@ -102,7 +102,7 @@ def fake_results(tmp_path: Path) -> Path:
 
 def test_tables_notebook_on_fake_records(fake_results, tmp_path):
     out = tmp_path / "generated"
-    nb, text = execute("tables_and_figures.ipynb", RESULTS_DIR=str(fake_results), OUTPUT_DIR=str(out),
+    nb, text = execute("tables_and_figures.ipynb", ABLATION_DIRS=[], RESULTS_DIR=str(fake_results), OUTPUT_DIR=str(out),
                        SELECT_BY="dev", SWEEP_KEYS=["config.optim.lr", "config.method.density"], METRIC=None)
     assert "ERROR" not in text
     assert "| GEM | 0.0998 |" in text and "left out: 1 failed" in text
@@ -118,9 +118,9 @@ def test_tables_notebook_on_fake_records(fake_results, tmp_path):
 def test_tables_notebook_without_records(tmp_path):
     empty = tmp_path / "results"
     empty.mkdir()
-    nb, text = execute("tables_and_figures.ipynb", RESULTS_DIR=str(empty), OUTPUT_DIR=None)
+    nb, text = execute("tables_and_figures.ipynb", ABLATION_DIRS=[], RESULTS_DIR=str(empty), OUTPUT_DIR=None)
     assert "No run records under" in text and "ERROR" not in text
-    _, text = execute("tables_and_figures.ipynb", RESULTS_DIR=str(tmp_path / "missing"), OUTPUT_DIR=None)
+    _, text = execute("tables_and_figures.ipynb", ABLATION_DIRS=[], RESULTS_DIR=str(tmp_path / "missing"), OUTPUT_DIR=None)
     assert "No run records under" in text
 
 
@@ -168,5 +168,17 @@ def test_notebooks_on_a_real_tiny_gem_run(tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     nb, text = execute("gem_allocations.ipynb", RUN_DIR=str(run), SEARCH_DIR=str(tmp_path))
     assert "ERROR" not in text and "allocation.csv budgets match the record: True" in text
-    nb, text = execute("tables_and_figures.ipynb", RESULTS_DIR=str(tmp_path / "results"), OUTPUT_DIR=None)
+    nb, text = execute("tables_and_figures.ipynb", ABLATION_DIRS=[], RESULTS_DIR=str(tmp_path / "results"), OUTPUT_DIR=None)
     assert "| GEM |" in text and _images(nb) == 1
+
+
+def test_tables_notebook_reads_ablation_folders_for_the_density_figure(tmp_path):
+    main_runs, ablations = tmp_path / "runs", tmp_path / "ablations"
+    for seed in (1, 2):
+        _record(main_runs, "gem", "rte", seed, 0.6 + 0.01 * seed)                    # the table's density
+        _record(ablations, "gem", "rte", seed, 0.65 + 0.01 * seed, density=0.01)     # the sweep
+    nb, text = execute("tables_and_figures.ipynb", RESULTS_DIR=str(main_runs), ABLATION_DIRS=[str(ablations)],
+                       OUTPUT_DIR=None)
+    assert "ERROR" not in text and "No density sweep" not in text
+    assert "2 records under" in text  # the table reads only RESULTS_DIR
+    assert _images(nb) == 2           # budgets and density

@@ -362,3 +362,19 @@ def test_density_figure_draws_only_swept_tasks(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == [figures.TASK_LABELS.get("rte", "rte")]
     only_one = figures.plot_density(load_records([tmp_path]), tasks=["cb"])
     assert "two or more" in only_one.axes[0].texts[0].get_text()
+
+
+def test_cells_pooling_different_settings_are_flagged(tmp_path):
+    write_record(tmp_path, method="gem", seed=1, density=0.001)
+    write_record(tmp_path, method="gem", seed=2, density=0.01)
+    path = write_record(tmp_path, method="full", seed=1, name="full_small")
+    record = json.loads(path.read_text())
+    record["config"]["task"]["num_train"] = 64
+    path.write_text(json.dumps(record))
+    write_record(tmp_path, method="full", seed=2, name="full_default")
+    notes = "\n".join(build_table(load_records([tmp_path])).notes)
+    assert "pool runs that differ in a setting" in notes
+    assert "tiny-bert/gem/rte (config.method.density)" in notes
+    assert "tiny-bert/full/rte (config.task.num_train)" in notes
+    split = build_table(load_records([tmp_path]), group_by=["density", "config.task.num_train"])
+    assert not any("differ in a setting" in n for n in split.notes)
