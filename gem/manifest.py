@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from .records import redact_override_text, redact_secrets
-from .tables import load_records, lookup
+from .records import redact_override_text
+from .tables import _md_escape, load_records, lookup
 
 def run_overrides(run_dir: str | Path) -> list[str] | None:
     """The run's command-line overrides (Hydra's `.hydra/overrides.yaml`), secrets redacted."""
@@ -46,7 +47,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+    return _md_escape(value)
 
 
 def _main_test_metric(record: dict) -> str:
@@ -61,17 +62,14 @@ def _short_commit(record: dict) -> str:
 
 
 def machine_summary(records: Sequence[dict]) -> list[str]:
-    machines: dict[str, int] = {}
-    versions: dict[str, int] = {}
+    machines: Counter[str] = Counter()
+    versions: Counter[str] = Counter()
     for record in records:
         host = record.get("host") or {}
         gpus = host.get("gpus")
         gpu = "GPU not recorded" if gpus is None else (" + ".join(gpus) if gpus else "no GPU")
-        machine = f"{host.get('platform', '?')}, {host.get('cpu_count', '?')} CPUs, {gpu}"
-        machines[machine] = machines.get(machine, 0) + 1
-        vers = redact_secrets(record.get("versions") or {})
-        text = ", ".join(f"{k} {v}" for k, v in sorted(vers.items()))
-        versions[text] = versions.get(text, 0) + 1
+        machines[f"{host.get('platform', '?')}, {host.get('cpu_count', '?')} CPUs, {gpu}"] += 1
+        versions[", ".join(f"{k} {v}" for k, v in sorted((record.get("versions") or {}).items()))] += 1
     lines = ["Machines (runs):"]
     lines += [f"- {m} ({n})" for m, n in sorted(machines.items())]
     lines += ["", "Package versions (runs):"]

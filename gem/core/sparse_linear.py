@@ -286,8 +286,7 @@ class SparseDeltaLinear(nn.Module):
         self._pattern = None
 
     def __getstate__(self):  # copies and pickles rebuild the CSR pattern instead of carrying it
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state["_pattern"] = None
         return state
 
