@@ -13,8 +13,10 @@ the model's parameters and the average over its tasks; the best cell of each tas
 
 With `--select-by dev`, each (model, task, method) cell first picks the setting of the
 sweep keys (default: the learning rate, `config.optim.lr`) with the best mean dev score
-of the task's main metric and then reports that setting's test scores: the paper's
-protocol of choosing the LR on dev.
+of the task's main metric and then reports that setting's test scores (all its seeds): the
+paper's protocol of choosing the LR on dev. Settings are compared on the seeds they share,
+so a two-stage grid (every LR on seed 1, then more seeds at the seed-1 winner) is judged
+on seed 1 until the other LRs get the same seeds.
 
 Everything is sorted and every number is formatted with a fixed precision, so the same
 records always print the same bytes.
@@ -442,8 +444,13 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
             selected = None
             dev_mean = None
             if select_by == "dev" and sweep_keys:
+                # Settings are compared on the seeds they all have, so a setting run on one seed
+                # (a seed-1 LR sweep) is not favoured or penalised against one run on three.
+                shared = set.intersection(*({format_value(e.seed) for e in group} for group in settings.values()))
+
                 def score(item):
-                    devs = [e.dev for e in item[1] if e.dev is not None]
+                    devs = [e.dev for e in item[1] if e.dev is not None
+                            and (not shared or format_value(e.seed) in shared)]
                     return (_mean(devs) if devs else -math.inf, len(item[1]))
                 # the first best in sorted setting order wins ties: deterministic
                 best_setting, entries = max(sorted(settings.items(), key=lambda kv: tuple(

@@ -176,6 +176,22 @@ def test_dev_selection_picks_lr_per_cell(tmp_path):
         ("full", ("1e-06",)), ("full", ("1e-05",)), ("gem", ("0.0001",)), ("gem", ("0.001",))]
 
 
+def test_dev_selection_compares_settings_on_shared_seeds(tmp_path):
+    # A two-stage grid: lr 1e-3 has seeds 1-3, lr 3e-3 only seed 1. Over all its seeds 1e-3 has
+    # the higher dev mean (0.767 > 0.75), but on seed 1, the one both have, 3e-3 is better.
+    for seed, dev in ((1, 0.70), (2, 0.80), (3, 0.80)):
+        write_record(tmp_path, method="gem", lr=1e-3, seed=seed, dev=dev, test=0.60)
+    write_record(tmp_path, method="gem", lr=3e-3, seed=1, dev=0.75, test=0.65)
+    cell = build_table(load_records([tmp_path]), select_by="dev").rows[0].cells["rte"]
+    assert cell.selected == {"config.optim.lr": "0.003"}
+    assert cell.n == 1 and cell.mean == pytest.approx(65.0)
+    # once 3e-3 has seeds 2-3 too, all three seeds decide
+    for seed in (2, 3):
+        write_record(tmp_path, method="gem", lr=3e-3, seed=seed, dev=0.70, test=0.65)
+    cell = build_table(load_records([tmp_path]), select_by="dev").rows[0].cells["rte"]
+    assert cell.selected == {"config.optim.lr": "0.001"} and cell.n == 3
+
+
 def test_metric_override_and_missing_metric_footer(tmp_path):
     write_record(tmp_path, method="gem", task="rte", dev=0.8, test=0.6)
     write_record(tmp_path, method="gem", task="cola", dev=0.3, test=0.2)
