@@ -204,7 +204,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
         module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
                                 num_labels=task.num_labels, optim=optim)
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
-                                seed=int(cfg.seed), num_workers=int(cfg.num_workers))
+                                seed=int(cfg.seed), num_workers=int(cfg.num_workers),
+                                eval_order=str(cfg.get("eval_order") or "dataset"))
     callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []

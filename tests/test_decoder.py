@@ -244,3 +244,47 @@ def test_single_token_shortcut_matches_full_scoring(offline_tiny):
                                        batch["attention_mask"].view(b * c, t), batch["score_mask"].view(b * c, t))
     assert count.tolist() == [1.0] * 4
     assert torch.allclose(fast, (total / count).view(b, c), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- evaluation order
+
+
+def test_length_ordered_eval_batches_longest_first_and_covers_every_example(offline_tiny):
+    from gem.lit.datamodule import TaskDataModule
+
+    task = _task("rte", "classification", ["entailment", "not_entailment"])
+    task.dev = [_ex(uid=f"d/{i}", text_a="word " * n, text_b="short", label=i % 2) for i, n in enumerate([3, 80, 1, 80, 9])]
+    collate = CausalCollator(offline_tiny.tokenizer, task, max_length=64)
+    module = TaskDataModule(task, collate, batch_size=2, eval_batch_size=2, seed=0, eval_order="length")
+    lengths = [collate.length(ex) for ex in task.dev]
+    assert lengths[1] == lengths[3] == 64 and lengths[2] < lengths[0] < lengths[4] < 64  # capped at max_length
+    widths, uids = [], []
+    for batch in module.val_dataloader():
+        widths.append(batch["input_ids"].shape[-1])
+    for batch in TaskDataModule(task, lambda b: [ex["uid"] for ex in b], batch_size=2, eval_batch_size=2,
+                                seed=0)._loader(module._eval_split("dev"), 2, shuffle=False):
+        uids += batch
+    assert uids == ["d/1", "d/3", "d/4", "d/0", "d/2"]  # longest first, ties in sampled order
+    assert widths == sorted(widths, reverse=True) and widths[0] == 64
+    dataset_order = TaskDataModule(task, collate, batch_size=2, eval_batch_size=2, seed=0)
+    assert [b["input_ids"].shape[-1] for b in dataset_order.val_dataloader()] == [64, 64, lengths[4]]
+    assert widths == [64, lengths[4], lengths[2]]  # 201 padded positions per candidate instead of 283
+    with pytest.raises(ValueError, match="eval_order='shortest' is not one of dataset, length"):
+        TaskDataModule(task, collate, batch_size=2, eval_batch_size=2, seed=0, eval_order="shortest")
+    with pytest.raises(ValueError, match="needs a collate function with a length"):
+        TaskDataModule(task, lambda b: b, batch_size=2, eval_batch_size=2, seed=0, eval_order="length")
+
+
+def test_eval_order_does_not_change_metrics_or_generations(data_dir, tmp_path):
+    # Every test example is generated for exactly once, with the same text, whatever the order.
+    common = [*RUN, "method=lora", "task=gsm8k", "task.num_train=4", f"data_dir={data_dir}", "task.num_dev=4",
+              "task.num_test=7", "eval_batch_size=3", "task.generation.max_new_tokens=4"]
+    runs = {order: run_in_process([*common, f"eval_order={order}"], tmp_path / order) for order in ("dataset", "length")}
+    assert runs["length"]["config"]["eval_order"] == "length" and runs["dataset"]["config"]["eval_order"] == "dataset"
+    for key in ("dev/em", "test/em"):
+        assert runs["length"]["metrics"][key] == runs["dataset"]["metrics"][key]
+    rows = {order: [json.loads(line) for line in (tmp_path / order / "generations_test.jsonl").read_text().splitlines()]
+            for order in runs}
+    assert len(rows["length"]) == 7 and len({r["uid"] for r in rows["length"]}) == 7
+    assert [r["uid"] for r in rows["length"]] != [r["uid"] for r in rows["dataset"]]  # the order did change
+    assert sorted(map(json.dumps, rows["length"])) == sorted(map(json.dumps, rows["dataset"]))

@@ -92,6 +92,13 @@ class CausalCollator:
             log.warning("%s: a prompt of %d tokens is cut from the left to fit max_length=%d (warned once; "
                         "the collator's num_truncated keeps the total)", self.task_name, length, self.max_length)
 
+    def length(self, example: dict) -> int:
+        """Tokens of the example's longest row (prompt + longest candidate or target), capped at max_length."""
+        prompt = render(self.task_name, example)
+        pieces = list(prompt.candidates) if self.kind != "generation" else [prompt.target or ""]
+        tail = max((len(self._piece_ids(piece)) for piece in pieces), default=0)
+        return min(len(self._prompt_ids(prompt.text)) + tail, self.max_length)
+
     # --- batches ------------------------------------------------------------------------
     def __call__(self, batch: list[dict]) -> dict[str, Any]:
         prompts = [render(self.task_name, ex) for ex in batch]

@@ -68,6 +68,17 @@ class EncoderCollator:
         return self.tokenizer(first, second, truncation=True, max_length=self.max_length,
                               padding="longest", return_tensors="pt")
 
+    def length(self, example: dict) -> int:
+        """Tokens of the example's longest row (for multiple choice: over its choices), capped at max_length."""
+        if self.kind == "multiple_choice":
+            question = example.get("question")
+            head = copa_first_segment(example["text_a"], question) if question is not None else example["text_a"]
+            pairs = [(head, lower_first(c) if question in CONNECTIVES else c) for c in example["choices"]]
+        else:
+            pairs = [(example["text_a"], example.get("text_b"))]
+        ids = [self.tokenizer(first, second, truncation=False, verbose=False)["input_ids"] for first, second in pairs]
+        return min(max(len(row) for row in ids), self.max_length)
+
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         if self.kind == "multiple_choice":
             return self._multiple_choice(batch)

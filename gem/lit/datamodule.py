@@ -68,16 +68,52 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip = int(state["batches_yielded"]) * int(self.batch_size)
 
 
+EVAL_ORDERS = ("dataset", "length")
+
+
+def longest_first(examples: list, length: Callable[[dict], int]) -> list:
+    """`examples` reordered by decreasing `length` (ties keep their order).
+
+    Evaluation batches then hold examples of similar length, so little of each batch is
+    padding, and the longest batch comes first, so running out of memory shows at once.
+    Every example is still evaluated exactly once; the metrics do not depend on the order.
+    """
+    lengths = [length(example) for example in examples]
+    return [examples[i] for i in sorted(range(len(examples)), key=lambda i: -lengths[i])]
+
+
 class TaskDataModule(L.LightningDataModule):
+    """Train, dev and test loaders over a sampled task, plus the gradient pass's loader.
+
+    `eval_order`: `dataset` keeps the dev and test examples in their sampled order; `length`
+    batches them longest first (the collate function must then have `length(example)`).
+    """
+
     def __init__(self, task, collate: Callable, *, batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, eval_order: str = "dataset"):
         super().__init__()
+        if eval_order not in EVAL_ORDERS:
+            raise ValueError(f"eval_order={eval_order!r} is not one of {', '.join(EVAL_ORDERS)}: `dataset` "
+                             f"evaluates in the sampled order, `length` batches examples longest first")
+        if eval_order == "length" and not callable(getattr(collate, "length", None)):
+            raise ValueError(f"eval_order=length needs a collate function with a length(example) method; "
+                             f"{type(collate).__name__} has none (use eval_order=dataset)")
         self.task = task
         self.collate = collate
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.eval_order = eval_order
+        self._eval_examples: dict[str, list] = {}
+
+    def _eval_split(self, split: str) -> list:
+        examples = getattr(self.task, split)
+        if self.eval_order == "dataset":
+            return examples
+        if split not in self._eval_examples:  # tokenizing once per split is enough
+            self._eval_examples[split] = longest_first(list(examples), self.collate.length)
+        return self._eval_examples[split]
 
     def _loader(self, examples, batch_size: int, shuffle: bool) -> DataLoader:
         # A private generator: a DataLoader without one draws its workers' base seed from the global
@@ -93,10 +129,10 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader(self.task.train, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.task.dev, self.eval_batch_size, shuffle=False)
+        return self._loader(self._eval_split("dev"), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.task.test, self.eval_batch_size, shuffle=False)
+        return self._loader(self._eval_split("test"), self.eval_batch_size, shuffle=False)
 
     def gradient_pass_dataloader(self, num_examples: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The first `num_examples` of the (already seeded-sampled) training set, in order.
