@@ -93,10 +93,12 @@ class CausalCollator:
                         "the collator's num_truncated keeps the total)", self.task_name, length, self.max_length)
 
     def length(self, example: dict) -> int:
-        """Tokens of the example's longest row (prompt + longest candidate or target), capped at max_length."""
+        """The example's sort key for batching: its longest row (prompt + longest candidate), or
+        for generation its prompt alone (what greedy decoding runs over), capped at max_length."""
         prompt = render(self.task_name, example)
-        pieces = list(prompt.candidates) if self.kind != "generation" else [prompt.target or ""]
-        tail = max((len(self._piece_ids(piece)) for piece in pieces), default=0)
+        if self.kind == "generation":
+            return min(len(self._prompt_ids(prompt.text)), self.max_length - self.max_new_tokens)
+        tail = max((len(self._piece_ids(piece)) for piece in prompt.candidates), default=0)
         return min(len(self._prompt_ids(prompt.text)) + tail, self.max_length)
 
     # --- batches ------------------------------------------------------------------------
