@@ -21,7 +21,8 @@ from gem.models.packaged import (
     resolve_model_source,
 )
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "normalize_task_kind", "new_parameter_names"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "load_tokenizer", "normalize_task_kind",
+           "new_parameter_names"]
 
 _TASK_ALIASES = {
     "classification": "classification",
@@ -100,6 +101,27 @@ def _set_pad_token_id(model: nn.Module, tokenizer) -> None:
         gen.pad_token_id = pad_id
 
 
+def _remote_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("trust_remote_code", "revision", "local_files_only") if k in kwargs}
+
+
+def load_tokenizer(model_cfg: Any):
+    """The tokenizer of the model a config names (a decoder's gets its eos as pad token if it has none)."""
+    from transformers import AutoTokenizer
+
+    cfg = model_cfg_to_dict(model_cfg)
+    source, kwargs = resolve_model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_remote_kwargs(kwargs))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"Could not load the tokenizer of {pretrained_id(cfg)!r} from {source!r}: {exc}\nOffline, use a packaged "
+            "model (model=minilm or model=smollm2-135m); otherwise check the id and your network."
+        ) from exc
+    _ensure_pad_token(tokenizer, model_kind(cfg))
+    return tokenizer
+
+
 def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: list[str] | None = None) -> LoadedModel:
     """Load the model a config names, shaped for ``task_kind``.
 
@@ -119,7 +141,6 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
         AutoModelForCausalLM,
         AutoModelForMultipleChoice,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     cfg = model_cfg_to_dict(model_cfg)
@@ -127,10 +148,10 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
     kind = model_kind(cfg)
     task = normalize_task_kind(task_kind)
     source, kwargs = resolve_model_source(cfg)
-    remote = {k: kwargs[k] for k in ("trust_remote_code", "revision", "local_files_only") if k in kwargs}
+    remote = _remote_kwargs(kwargs)
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        tokenizer = load_tokenizer(cfg)
         if kind == "decoder":
             model_cls = AutoModelForCausalLM
             extra: dict[str, Any] = {}
@@ -168,7 +189,6 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
             "(model=minilm or model=smollm2-135m); otherwise check the id and your network."
         ) from exc
 
-    _ensure_pad_token(tokenizer, kind)
     _set_pad_token_id(model, tokenizer)
 
     head = new_parameter_names(model, info.get("missing_keys", ()))
