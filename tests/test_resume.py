@@ -1,8 +1,10 @@
-"""A run killed with SIGKILL mid-epoch and resumed with ckpt_path=last ends bit-identical (CPU)."""
+"""A run killed with SIGKILL mid-epoch and resumed with ckpt_path=last ends bit-identical (CPU, and DDP on CPU)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,15 +21,28 @@ RESUMABLE = [*[o for o in TINY_RUN if not o.startswith(("task.num_train", "train
 
 
 def _kill_after_first_checkpoint(args: list[str], run_dir, cwd) -> None:
-    process = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=cwd, env=cli_env(),
+    # A session of its own, so the kill reaches every process of the run (DDP's other ranks too).
+    process = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=cwd, env=cli_env(), start_new_session=True,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run_dir / "lightning" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.kill()  # SIGKILL: no handler runs, as in a preemption or an OOM kill
+    os.killpg(process.pid, signal.SIGKILL)  # no handler runs, as in a preemption or an OOM kill
     process.wait()
     assert checkpoint.exists(), "the run never wrote a resume checkpoint"
+
+
+def _assert_same_run(whole, resumed) -> None:
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((resumed / "results.json").read_text())
+    assert b["status"] == "completed" and b["resumed_from"].endswith("last.ckpt")
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    assert b["gem"]["changed_outside_mask"] == 0
+    for name in ("delta/sparse_delta.safetensors", "head.safetensors"):  # masks, deltas, head: bit-equal
+        left, right = load_file(whole / "checkpoint" / name), load_file(resumed / "checkpoint" / name)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    assert not (resumed / "lightning").exists()  # removed once the run completed
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
@@ -42,15 +57,25 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tm
 
     resumed = run_cli([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = json.loads((whole / "results.json").read_text())
-    b = json.loads((killed / "results.json").read_text())
-    assert b["status"] == "completed" and b["resumed_from"].endswith("last.ckpt")
-    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
-    assert b["gem"]["changed_outside_mask"] == 0
-    for name in ("delta/sparse_delta.safetensors", "head.safetensors"):  # masks, deltas, head: bit-equal
-        left, right = load_file(whole / "checkpoint" / name), load_file(killed / "checkpoint" / name)
-        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
-    assert not (killed / "lightning").exists()  # removed once the run completed
+    _assert_same_run(whole, killed)
+
+
+def test_ddp_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+    # Two ranks (gloo): 96 examples / (2 x 16) = 3 steps per epoch; the step-5 checkpoint is
+    # mid-epoch, so each rank must skip exactly the batches it had trained on in epoch 1.
+    args = [*RESUMABLE, f"data_dir={data_dir}", "trainer=ddp_cpu", "trainer.accelerator=cpu"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = run_cli([*args, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    _kill_after_first_checkpoint([*args, f"hydra.run.dir={killed}"], killed, tmp_path)
+    saved = torch.load(killed / "lightning" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < saved["global_step"] < 9 and saved["global_step"] % 3 != 0  # really mid-epoch
+
+    resumed = run_cli([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "restarts from its first batch" not in resumed.stderr
+    _assert_same_run(whole, killed)
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +22,49 @@ class EpochSeededSampler(Sampler[int]):
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
-        self.skip = 0  # examples of this epoch already trained on before a resume
+        # Examples of this epoch already trained on before a resume. It holds for the whole
+        # epoch (a DDP wrapper lists the order and asks its length more than once) and is
+        # cleared when the next epoch is set.
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(order[self.skip:])
 
     def __len__(self) -> int:
         return self.size - self.skip
+
+
+def seeded_sampler(sampler) -> tuple[EpochSeededSampler | None, int]:
+    """The `EpochSeededSampler` behind a loader's sampler, and how many ranks share its order.
+
+    Under DDP Lightning wraps our sampler in a `DistributedSamplerWrapper`: it lists our order
+    (`sampler.dataset._sampler`) and gives rank r the entries r, r + W, r + 2W, ... of it.
+    """
+    if isinstance(sampler, EpochSeededSampler):
+        return sampler, 1
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    if isinstance(sampler, DistributedSampler) and isinstance(inner, EpochSeededSampler):
+        return inner, int(sampler.num_replicas)
+    return None, 1
+
+
+def fit_shards_to(sampler: DistributedSampler, size: int) -> None:
+    """Size a DistributedSampler's shards for `size` entries, as its constructor would have.
+
+    It sizes them once, for a whole epoch; a resumed epoch has fewer entries left, and the
+    sampler would otherwise pad them back to a whole epoch with repeats.
+    """
+    ranks = sampler.num_replicas
+    uneven = sampler.drop_last and size % ranks
+    sampler.num_samples = math.ceil((size - ranks) / ranks) if uneven else math.ceil(size / ranks)
+    sampler.total_size = sampler.num_samples * ranks
 
 
 class ResumableDataLoader(DataLoader):
@@ -42,6 +73,9 @@ class ResumableDataLoader(DataLoader):
     Lightning saves `state_dict()` of stateful loaders with its checkpoints and hands it back
     through `load_state_dict()` on resume; the sampler then skips what the killed run had
     already trained on in that epoch, so a mid-epoch resume sees exactly the remaining batches.
+    Under DDP every rank has yielded the same number of batches, and the ranks' shards
+    interleave, so together they consumed the first `batches x batch_size x ranks` entries of
+    the shared order: skipping those gives each rank exactly its remaining batches.
     """
 
     def __init__(self, *args, **kwargs):
@@ -49,9 +83,17 @@ class ResumableDataLoader(DataLoader):
         self.batches_yielded = 0
 
     def __iter__(self):
-        skip = getattr(self.sampler, "skip", 0)
-        self.batches_yielded = skip // int(self.batch_size)  # a resumed epoch counts on
-        for batch in super().__iter__():
+        # Eager, not a generator: Lightning reads len() right after iter(), so the shards must
+        # already be sized for this epoch's remaining entries by then.
+        seeded, ranks = seeded_sampler(self.sampler)
+        skip = seeded.skip if seeded is not None else 0
+        if ranks > 1:
+            fit_shards_to(self.sampler, len(seeded))
+        self.batches_yielded = skip // (int(self.batch_size) * ranks)  # a resumed epoch counts on
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
             self.batches_yielded += 1
             yield batch
 
@@ -59,13 +101,13 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": getattr(self.sampler, "epoch", 0), "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(self.sampler, EpochSeededSampler):
-            # Under DDP Lightning wraps the sampler per rank; the position inside the epoch is
-            # not restored there, and the interrupted epoch starts again from its beginning.
-            log.warning("resuming under a distributed sampler: the interrupted epoch restarts from its first batch")
+        seeded, ranks = seeded_sampler(self.sampler)
+        if seeded is None:
+            log.warning("resuming with a sampler of type %s: the interrupted epoch restarts from its first batch",
+                        type(self.sampler).__name__)
             return
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.skip = int(state["batches_yielded"]) * int(self.batch_size)
+        seeded.set_epoch(int(state["epoch"]))
+        seeded.skip = int(state["batches_yielded"]) * int(self.batch_size) * ranks
 
 
 EVAL_ORDERS = ("dataset", "length")
