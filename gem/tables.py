@@ -16,7 +16,8 @@ sweep keys (default: the learning rate, `config.optim.lr`) with the best mean de
 of the task's main metric and then reports that setting's test scores (all its seeds): the
 paper's protocol of choosing the LR on dev. Settings are compared on the seeds they share,
 so a two-stage grid (every LR on seed 1, then more seeds at the seed-1 winner) is judged
-on seed 1 until the other LRs get the same seeds.
+on seed 1 until the other LRs get the same seeds. `--format overrides` prints each cell's
+chosen setting as Hydra overrides, the input of that second stage.
 
 Everything is sorted and every number is formatted with a fixed precision, so the same
 records always print the same bytes.
@@ -54,7 +55,7 @@ DEFAULT_SWEEP_KEYS = ("config.optim.lr",)
 POOLING_CHECK_KEYS = ("config.method.density", "config.task.num_train", "config.trainer.max_epochs",
                       "config.batch_size", "config.task.max_length")
 KEY_ALIASES = {"lr": "config.optim.lr", "density": "config.method.density", "seed": "seed"}
-FORMATS = ("md", "latex", "csv")
+FORMATS = ("md", "latex", "csv", "overrides")
 _SCALE = 100.0
 _MISSING = {"md": "–", "latex": "--"}
 _WANDB_STATES = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed",
@@ -598,13 +599,16 @@ def _body(table: Table, fmt: str) -> list[list[str]]:
 
 
 def render(table: Table, fmt: str = "md") -> str:
-    """The table as Markdown (`md`), LaTeX (booktabs `tabular`) or tidy CSV; ends with a newline."""
+    """The table as Markdown (`md`), LaTeX (booktabs `tabular`), tidy CSV or, after a dev selection,
+    the Hydra overrides of each cell's chosen setting (`overrides`); ends with a newline."""
     if fmt == "markdown":
         fmt = "md"
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if fmt == "csv":
         return _render_csv(table)
+    if fmt == "overrides":
+        return _render_overrides(table)
     header = _header(table, fmt)
     body = _body(table, fmt)
     n_text = len(header) - len(table.tasks) - 1
@@ -633,6 +637,31 @@ def render(table: Table, fmt: str = "md") -> str:
     out += [r"\bottomrule", r"\end{tabular}"]
     out += [f"% {note}" for note in table.notes]
     return "\n".join(out) + "\n"
+
+
+def hydra_key(key: str) -> str:
+    """The command-line override for a record key: `config.optim.lr` -> `optim.lr`."""
+    return key[len("config."):] if key.startswith("config.") else key
+
+
+def _render_overrides(table: Table) -> str:
+    """One line per (model, task, method[, group]) cell: the overrides that run its chosen setting.
+
+    The second stage of a two-stage sweep: every setting on one seed, then more seeds of the
+    winners, e.g. `... | while read -r cell; do python run.py -m $cell seed=2,3; done`.
+    """
+    if not table.select_by:
+        raise ValueError("--format overrides lists each cell's setting chosen on dev: add --select-by dev")
+    lines = []
+    for row in table.rows:
+        fixed = [f"model={row.model}", f"method={row.method}",
+                 *(f"{hydra_key(k)}={v}" for k, v in zip(table.group_by, row.group))]
+        for task in table.tasks:
+            cell = row.cells.get(task)
+            if cell is not None and cell.selected:
+                chosen = [f"{hydra_key(k)}={v}" for k, v in cell.selected.items()]
+                lines.append(" ".join([fixed[0], f"task={task}", *fixed[1:], *chosen]))
+    return "".join(f"{line}\n" for line in lines)
 
 
 def _render_csv(table: Table) -> str:
@@ -672,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  gem-tables outputs/ multirun/ results/runs\n"
                "  gem-tables results/ --select-by dev --format latex --output table.tex\n"
                "  gem-tables results/ --group-by config.method.density --metric dev/acc\n"
+               "  gem-tables multirun/ --select-by dev --sweep-key config.lr_index --format overrides\n"
                "  gem-tables --wandb-project ENTITY/PROJECT --wandb-filter '{\"config.task.name\": \"rte\"}'")
     parser.add_argument("paths", nargs="*", help="folders searched recursively for results.json (or record files)")
     parser.add_argument("--wandb-project", metavar="ENTITY/PROJECT", help="also read the runs of this wandb project")
@@ -715,8 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = build_table(records, metric=args.metric, group_by=_split_keys(args.group_by), select_by=args.select_by,
                         sweep_keys=_split_keys(args.sweep_key) or DEFAULT_SWEEP_KEYS, tasks=split(args.tasks),
                         methods=split(args.methods), models=split(args.models), digits=args.digits)
+    if args.format == "overrides" and not args.select_by:
+        parser.error("--format overrides lists each cell's setting chosen on dev: add --select-by dev")
     text = render(table, args.format)
-    if args.format == "csv" and table.notes:
+    if args.format in ("csv", "overrides") and table.notes:
         print("\n".join(table.notes), file=sys.stderr)
     if args.output:
         out = Path(args.output)

@@ -1,6 +1,9 @@
-"""A multirun in which one job fails loses nothing: the other jobs still run and keep complete
+"""Sweeps as researchers run them.
+
+A multirun in which one job fails loses nothing: the other jobs still run and keep complete
 records, the failing job leaves a `failed` record, the command exits non-zero, and the table
-lists the failed run in its footer.
+lists the failed run in its footer. A two-stage LR sweep (every LR on seed 1, then more seeds
+at the dev winner) runs from the table command's `--format overrides`.
 
 Hydra 1.3's basic launcher runs every job of a batch (the whole sweep here) even when one
 raises, and re-raises the first failure only after all of them finished; the failing job is
@@ -16,6 +19,7 @@ import sys
 import pytest
 
 from conftest import REPO, cli_env, run_cli
+from gem.tables import build_table, load_records
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -61,3 +65,28 @@ def test_table_footer_lists_the_failed_job(failing_sweep):
     assert "| BitFit |" in proc.stdout and "(1)" in proc.stdout  # the completed job, one seed
     footer = [line for line in proc.stdout.splitlines() if line.startswith("- left out:")]
     assert footer == [f"- left out: 1 failed: {sweep / '0_rte_bitfit_tiny-bert_s1' / 'results.json'}"]
+
+
+def test_two_stage_lr_sweep_with_the_overrides_format(tmp_path, data_dir):
+    # Stage 1: the preset's two LRs on seed 1. Stage 2: seeds 2-3 at the LR that won on dev,
+    # fed from `gem.tables --format overrides`. The table then reports that LR over 3 seeds.
+    tiny = ["experiment=cpu_minilm_table", "model=tiny-bert", "logger=none", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu", "task.num_train=16", "task.num_dev=8", "task.num_test=8", "task.max_length=64",
+            f"data_dir={data_dir}"]
+    stage1 = run_cli(["-m", *tiny, "task=cb", "method=bitfit", "seed=1", f"hydra.sweep.dir={tmp_path / 's1'}"],
+                     cwd=tmp_path)
+    assert stage1.returncode == 0, stage1.stderr[-3000:]
+    assert len(list((tmp_path / "s1").rglob("results.json"))) == 2  # lr_index 0 and 1
+    chosen = subprocess.run([sys.executable, "-m", "gem.tables", str(tmp_path / "s1"), "--select-by", "dev",
+                             "--sweep-key", "config.lr_index", "--format", "overrides"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert chosen[:3] == ["model=tiny-bert", "task=cb", "method=bitfit"] and chosen[3] in ("lr_index=0", "lr_index=1")
+    stage2 = run_cli(["-m", *tiny, *chosen, "seed=2,3", f"hydra.sweep.dir={tmp_path / 's2'}"], cwd=tmp_path)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    second = [json.loads(p.read_text()) for p in (tmp_path / "s2").rglob("results.json")]
+    assert sorted(r["seed"] for r in second) == [2, 3]
+    assert {r["config"]["lr_index"] for r in second} == {int(chosen[3].split("=")[1])}
+    table = build_table(load_records([tmp_path / "s1", tmp_path / "s2"]), select_by="dev",
+                        sweep_keys=["config.lr_index"])
+    cell = table.rows[0].cells["cb"]
+    assert cell.n == 3 and cell.selected == {"config.lr_index": chosen[3].split("=")[1]}

@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 
 from gem import tables
-from gem.tables import build_table, load_records, load_wandb_records, records_to_frame, render
+from gem.tables import build_table, load_records, load_wandb_records, main, records_to_frame, render
 
 TUNED = {"full": 100.0, "lora": 0.24, "bitfit": 0.08, "gem": 0.0998, "gem_uniform": 0.0998}
 MAIN = {"rte": "acc", "sst2": "acc", "cola": "mcc"}
@@ -190,6 +190,23 @@ def test_dev_selection_compares_settings_on_shared_seeds(tmp_path):
         write_record(tmp_path, method="gem", lr=3e-3, seed=seed, dev=0.70, test=0.65)
     cell = build_table(load_records([tmp_path]), select_by="dev").rows[0].cells["rte"]
     assert cell.selected == {"config.optim.lr": "0.001"} and cell.n == 3
+
+
+def test_overrides_format_lists_each_cells_chosen_setting(tmp_path, capsys):
+    write_record(tmp_path, method="gem", lr=1e-3, dev=0.70)
+    write_record(tmp_path, method="gem", lr=3e-3, dev=0.75)
+    write_record(tmp_path, method="full", lr=2e-5, dev=0.70)
+    write_record(tmp_path, method="full", task="cb", lr=2e-5, dev=0.60)
+    write_record(tmp_path, method="full", task="cb", lr=5e-5, dev=0.50)
+    table = build_table(load_records([tmp_path]), select_by="dev")
+    assert render(table, "overrides") == ("model=tiny-bert task=rte method=full optim.lr=2e-05\n"
+                                          "model=tiny-bert task=cb method=full optim.lr=2e-05\n"
+                                          "model=tiny-bert task=rte method=gem optim.lr=0.003\n")
+    with pytest.raises(ValueError, match="add --select-by dev"):
+        render(build_table(load_records([tmp_path])), "overrides")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--format", "overrides"])
+    assert "add --select-by dev" in capsys.readouterr().err
 
 
 def test_metric_override_and_missing_metric_footer(tmp_path):
