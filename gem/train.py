@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gem.data import encoder_collator, load_task
 from gem.data.causal_collate import causal_collator
-from gem.lit.datamodule import TaskDataModule
+from gem.lit.datamodule import TaskDataModule, check_eval_order
 from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.methods import build_method
@@ -177,6 +177,7 @@ def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     L.seed_everything(int(cfg.seed), workers=True)
     logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
+    eval_order = check_eval_order(str(cfg.get("eval_order") or "dataset"))
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
@@ -205,7 +206,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
                                 num_labels=task.num_labels, optim=optim)
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers),
-                                eval_order=str(cfg.get("eval_order") or "dataset"))
+                                eval_order=eval_order)
     callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []

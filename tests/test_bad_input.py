@@ -93,6 +93,17 @@ def test_lr_index_outside_the_preset_grid(tmp_path, data_dir):
     assert_not_completed(tmp_path)
 
 
+def test_unknown_eval_order_fails_before_loading(tmp_path, data_dir, monkeypatch):
+    import gem.train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad setting was noticed")
+
+    monkeypatch.setattr(gem.train, "load_model", no_loading)
+    fails_in_process(tiny(data_dir, "method=bitfit", "eval_order=shortest"), tmp_path / "run", ValueError,
+                     r"eval_order='shortest' is not one of dataset, length", r"`length` batches examples longest first")
+
+
 # --------------------------------------------------------------------------- method settings
 @pytest.mark.parametrize("override,patterns", [
     ("method.density=0", [r"method\.density=0 is impossible", r"must lie in \(0, 1\)"]),

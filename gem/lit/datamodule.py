@@ -113,6 +113,13 @@ class ResumableDataLoader(DataLoader):
 EVAL_ORDERS = ("dataset", "length")
 
 
+def check_eval_order(eval_order: str) -> str:
+    if eval_order not in EVAL_ORDERS:
+        raise ValueError(f"eval_order={eval_order!r} is not one of {', '.join(EVAL_ORDERS)}: `dataset` "
+                         f"evaluates in the sampled order, `length` batches examples longest first")
+    return eval_order
+
+
 def longest_first(examples: list, length: Callable[[dict], int]) -> list:
     """`examples` reordered by decreasing `length` (ties keep their order).
 
@@ -134,9 +141,7 @@ class TaskDataModule(L.LightningDataModule):
     def __init__(self, task, collate: Callable, *, batch_size: int, eval_batch_size: int, seed: int,
                  num_workers: int = 0, eval_order: str = "dataset"):
         super().__init__()
-        if eval_order not in EVAL_ORDERS:
-            raise ValueError(f"eval_order={eval_order!r} is not one of {', '.join(EVAL_ORDERS)}: `dataset` "
-                             f"evaluates in the sampled order, `length` batches examples longest first")
+        check_eval_order(eval_order)
         if eval_order == "length" and not callable(getattr(collate, "length", None)):
             raise ValueError(f"eval_order=length needs a collate function with a length(example) method; "
                              f"{type(collate).__name__} has none (use eval_order=dataset)")
