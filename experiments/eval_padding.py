@@ -5,7 +5,8 @@ batch it, once in the sampled order (`eval_order=dataset`) and once longest firs
 (`eval_order=length`); the script counts the positions each order computes (batch x padded
 width, summed; for generation tasks the prompt batches greedy decoding runs over) against
 the real tokens. Tokenizers only, no model: a count, not a timing, so it is exact and the
-same on every machine.
+same on every machine. Lengths are cut at the configured max_length (a run would also clamp it
+to the model's position limit, e.g. 512 for MiniLM; the encoder tasks' configs are within it).
 
     python experiments/eval_padding.py --model smollm2-135m --tasks rte,boolq,cb,gsm8k,mbpp
     python experiments/eval_padding.py --model minilm --tasks sst2,rte,boolq

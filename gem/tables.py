@@ -429,6 +429,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     repeated: list[str] = []
     differing: list[str] = []
     selections: list[str] = []
+    unshared: list[str] = []
     for row_key in ordered:
         model, method, group = row_key
         row = Row(model, method, group, row_info[row_key],
@@ -448,6 +449,8 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
                 # Settings are compared on the seeds they all have, so a setting run on one seed
                 # (a seed-1 LR sweep) is not favoured or penalised against one run on three.
                 shared = set.intersection(*({format_value(e.seed) for e in group} for group in settings.values()))
+                if not shared and len(settings) > 1:
+                    unshared.append(f"{label}/{task}")
 
                 def score(item):
                     devs = [e.dev for e in item[1] if e.dev is not None
@@ -500,6 +503,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     if selections:
         notes.append(f"selected on dev ({', '.join(sweep_keys)}) per (model, task, method):")
         notes.extend(f"  {line}" for line in selections)
+    if unshared:
+        notes.append(f"warning: {len(unshared)} cell(s) have settings that share no seed, compared on all their "
+                     f"seeds: {', '.join(unshared)}")
     if mixed:
         notes.append(f"warning: {len(mixed)} cell(s) pool runs with different {', '.join(sweep_keys)} "
                      f"(use --select-by dev or --group-by): {', '.join(mixed)}")

@@ -227,7 +227,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     params = {"total": total, "trainable": sum(p.numel() for _, p in method.trainable_parameters(model)),
               "tuned": tuned, "head": method.head_count(model), "tuned_pct": 100.0 * tuned / total}
     metrics = {**module.best_dev, **module.test_results}
-    record.update(metrics=metrics, params=params, best_epoch=module.best_epoch, history=module.history)
+    record.update(metrics=metrics, params=params, best_epoch=module.best_epoch, history=module.history,
+                  train_steps=int(trainer.global_step))  # optimizer steps over the whole fit
     if resume_checkpoint and not cfg.resume_checkpoints.get("keep_after_success", False):
         shutil.rmtree(run_dir / "lightning", ignore_errors=True)
     if cfg.save_checkpoint:

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL mid-epoch and resumed with ckpt_path=last ends bit-identical (CPU, and DDP on CPU)."""
+"""A run killed with SIGKILL mid-epoch and resumed with ckpt_path=last ends bit-identical (CPU, and DDP on CPU);
+and a resume at any step, epoch ends included, continues with exactly the remaining batches."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import lightning as L
+import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import RUN_PY, TINY_RUN, cli_env, run_cli
+from gem.lit.datamodule import TaskDataModule
 
 # 96 examples / batch 16 = 6 steps per epoch; a resume checkpoint every 5 steps lands mid-epoch.
 RESUMABLE = [*[o for o in TINY_RUN if not o.startswith(("task.num_train", "trainer.max_epochs"))],
@@ -38,6 +44,7 @@ def _assert_same_run(whole, resumed) -> None:
     b = json.loads((resumed / "results.json").read_text())
     assert b["status"] == "completed" and b["resumed_from"].endswith("last.ckpt")
     assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    assert a["train_steps"] == b["train_steps"] > 0  # no epoch cut short after the resume
     assert b["gem"]["changed_outside_mask"] == 0
     for name in ("delta/sparse_delta.safetensors", "head.safetensors"):  # masks, deltas, head: bit-equal
         left, right = load_file(whole / "checkpoint" / name), load_file(resumed / "checkpoint" / name)
@@ -84,3 +91,61 @@ def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path
     assert result.returncode != 0
     assert "no checkpoint at" in result.stderr and "hydra.run.dir=<its run dir>" in result.stderr
     assert json.loads((tmp_path / "new" / "results.json").read_text())["status"] == "failed"
+
+
+# --------------------------------------------------------------------------- every resume position
+class _Probe(L.LightningModule):
+    """Records each training batch (epoch, example ids) and each validation; can die at a step."""
+
+    def __init__(self, die_at_step: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.batches, self.validated, self.die_at_step = [], [], die_at_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.die_at_step:
+            raise RuntimeError("killed")  # after the checkpoint of the previous step was written
+        self.batches.append((self.current_epoch, batch.tolist()))
+        return (self.weight * batch.float()).sum()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.validated.append(self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(module, checkpoint_dir, every_n_steps, size, batch_size, ckpt_path=None, workers=0):
+    task = SimpleNamespace(train=list(range(size)), dev=[0, 1], test=[0, 1])
+    data = TaskDataModule(task, torch.tensor, batch_size=batch_size, eval_batch_size=2, seed=3, num_workers=workers)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                                   every_n_train_steps=every_n_steps, save_on_train_epoch_end=True)])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("size,batch_size,step,workers", [
+    (24, 4, 2, 0),    # early in the first epoch
+    (24, 4, 5, 0),    # the epoch's second-to-last batch
+    (24, 4, 6, 0),    # the epoch's last batch: the next epoch must start from its beginning
+    (24, 5, 5, 0),    # a short last batch (24 = 4 x 5 + 4), checkpoint on it
+    (23, 5, 7, 0),    # mid-epoch in the second epoch
+    (24, 4, 12, 0),   # the end of the second epoch
+    (24, 4, 5, 1),    # a worker process draws the indices as soon as the iterator exists
+    (24, 4, 6, 1),
+])
+def test_resume_at_any_step_continues_with_exactly_the_remaining_batches(tmp_path, size, batch_size, step, workers):
+    whole = _Probe()
+    _fit(whole, tmp_path / "whole", 10_000, size, batch_size, workers=workers)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(_Probe(die_at_step=step), tmp_path / "killed", step, size, batch_size, workers=workers)
+    resumed = _Probe()
+    _fit(resumed, tmp_path / "resumed", 10_000, size, batch_size, ckpt_path=tmp_path / "killed" / "last.ckpt",
+         workers=workers)
+    assert resumed.batches == whole.batches[step:]  # the same batches, in order, none cut, none repeated
+    assert resumed.validated == whole.validated[-len(resumed.validated):] and resumed.validated[-1] == 2

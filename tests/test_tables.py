@@ -190,6 +190,12 @@ def test_dev_selection_compares_settings_on_shared_seeds(tmp_path):
         write_record(tmp_path, method="gem", lr=3e-3, seed=seed, dev=0.70, test=0.65)
     cell = build_table(load_records([tmp_path]), select_by="dev").rows[0].cells["rte"]
     assert cell.selected == {"config.optim.lr": "0.001"} and cell.n == 3
+    # a stray setting on a seed nobody else ran is compared on all seeds, with a warning
+    write_record(tmp_path, method="gem", lr=1e-2, seed=4, dev=0.72, test=0.70)
+    table = build_table(load_records([tmp_path]), select_by="dev")
+    assert table.rows[0].cells["rte"].selected == {"config.optim.lr": "0.001"}
+    assert "warning: 1 cell(s) have settings that share no seed, compared on all their seeds: tiny-bert/gem/rte" \
+        in table.notes
 
 
 def test_overrides_format_lists_each_cells_chosen_setting(tmp_path, capsys):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -17,80 +17,85 @@ class EpochSeededSampler(Sampler[int]):
     """A random order that is a function of (seed, epoch) alone.
 
     Lightning calls `set_epoch` before every epoch, so a run resumed at epoch e sees the
-    same order as an uninterrupted one (a generator seeded once would not).
+    same order as an uninterrupted one (a generator seeded once would not). Under DDP,
+    Lightning's DistributedSamplerWrapper lists this order, permutes it once more with
+    (its seed, epoch) and gives each rank a shard, again a function of (seed, epoch).
     """
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
-        # Examples of this epoch already trained on before a resume. It holds for the whole
-        # epoch (a DDP wrapper lists the order and asks its length more than once) and is
-        # cleared when the next epoch is set.
-        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        return iter(order[self.skip:])
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return self.size
 
 
-def seeded_sampler(sampler) -> tuple[EpochSeededSampler | None, int]:
-    """The `EpochSeededSampler` behind a loader's sampler, and how many ranks share its order.
+class _ResumeAt:
+    """A batch sampler that, when iterated, first asks how many leading batches to drop.
 
-    Under DDP Lightning wraps our sampler in a `DistributedSamplerWrapper`: it lists our order
-    (`sampler.dataset._sampler`) and gives rank r the entries r, r + W, r + 2W, ... of it.
+    The answer comes at the first draw, after Lightning has set the epoch, so a checkpoint
+    written at an epoch's end never makes the next epoch skip anything; the dropped batches'
+    examples are never loaded.
     """
-    if isinstance(sampler, EpochSeededSampler):
-        return sampler, 1
-    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-    if isinstance(sampler, DistributedSampler) and isinstance(inner, EpochSeededSampler):
-        return inner, int(sampler.num_replicas)
-    return None, 1
 
+    def __init__(self, batch_sampler, batches_to_skip: Callable[[], int]):
+        self.batch_sampler, self.batches_to_skip = batch_sampler, batches_to_skip
+        self.skip: int | None = None
 
-def fit_shards_to(sampler: DistributedSampler, size: int) -> None:
-    """Size a DistributedSampler's shards for `size` entries, as its constructor would have.
+    def __iter__(self):
+        if self.skip is None:  # asked once: a DataLoader iterator may iterate its sampler twice on creation
+            self.skip = self.batches_to_skip()
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
 
-    It sizes them once, for a whole epoch; a resumed epoch has fewer entries left, and the
-    sampler would otherwise pad them back to a whole epoch with repeats.
-    """
-    ranks = sampler.num_replicas
-    uneven = sampler.drop_last and size % ranks
-    sampler.num_samples = math.ceil((size - ranks) / ranks) if uneven else math.ceil(size / ranks)
-    sampler.total_size = sampler.num_samples * ranks
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
 
 
 class ResumableDataLoader(DataLoader):
     """A training loader whose position inside an epoch travels in Lightning's checkpoints.
 
     Lightning saves `state_dict()` of stateful loaders with its checkpoints and hands it back
-    through `load_state_dict()` on resume; the sampler then skips what the killed run had
-    already trained on in that epoch, so a mid-epoch resume sees exactly the remaining batches.
-    Under DDP every rank has yielded the same number of batches, and the ranks' shards
-    interleave, so together they consumed the first `batches x batch_size x ranks` entries of
-    the shared order: skipping those gives each rank exactly its remaining batches.
+    through `load_state_dict()` on resume, before it creates the epoch's iterator. That
+    iterator then drops the batches of indices this process had already trained on in that
+    epoch, after any DDP sharding, so every rank resumes exactly where it stopped. `len()`
+    stays a whole epoch's batches: Lightning reads it once for the whole fit and counts the
+    restored batches towards it.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.batches_yielded = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches trained) from a checkpoint
+        self._creating_iterator = False
+
+    @property
+    def _index_sampler(self):
+        sampler = super()._index_sampler
+        if self._creating_iterator and self._resume is not None:
+            return _ResumeAt(sampler, lambda: self._take_resume(len(sampler)))
+        return sampler
+
+    def _take_resume(self, batches_per_epoch: int) -> int:
+        (epoch, trained), self._resume = self._resume, None
+        if getattr(self.sampler, "epoch", epoch) != epoch or trained >= batches_per_epoch:
+            return 0  # not the checkpoint's epoch: it starts from its beginning
+        self.batches_yielded = trained  # a resumed epoch counts on
+        return trained
 
     def __iter__(self):
-        # Eager, not a generator: Lightning reads len() right after iter(), so the shards must
-        # already be sized for this epoch's remaining entries by then.
-        seeded, ranks = seeded_sampler(self.sampler)
-        skip = seeded.skip if seeded is not None else 0
-        if ranks > 1:
-            fit_shards_to(self.sampler, len(seeded))
-        self.batches_yielded = skip // (int(self.batch_size) * ranks)  # a resumed epoch counts on
-        return self._counted(super().__iter__())
+        self.batches_yielded = 0
+        self._creating_iterator = True
+        try:
+            batches = super().__iter__()  # takes the index sampler now; draws from it lazily
+        finally:
+            self._creating_iterator = False
+        return self._counted(batches)
 
     def _counted(self, batches):
         for batch in batches:
@@ -101,13 +106,14 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": getattr(self.sampler, "epoch", 0), "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        seeded, ranks = seeded_sampler(self.sampler)
-        if seeded is None:
-            log.warning("resuming with a sampler of type %s: the interrupted epoch restarts from its first batch",
-                        type(self.sampler).__name__)
-            return
-        seeded.set_epoch(int(state["epoch"]))
-        seeded.skip = int(state["batches_yielded"]) * int(self.batch_size) * ranks
+        epoch, trained = int(state["epoch"]), int(state["batches_yielded"])
+        if trained >= len(super()._index_sampler):
+            epoch, trained = epoch + 1, 0  # saved at the epoch's end: the run goes on with the next
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            # Lightning sets the epoch again before the epoch starts; workers that prefetch
+            # indices as soon as the iterator exists need it now.
+            self.sampler.set_epoch(epoch)
+        self._resume = (epoch, trained)
 
 
 EVAL_ORDERS = ("dataset", "length")

@@ -106,7 +106,8 @@ def _remote_kwargs(kwargs: dict) -> dict:
 
 
 def load_tokenizer(model_cfg: Any):
-    """The tokenizer of the model a config names (a decoder's gets its eos as pad token if it has none)."""
+    """The tokenizer of the model a config names; one without a pad token pads with its eos (else sep,
+    unk or bos) token."""
     from transformers import AutoTokenizer
 
     cfg = model_cfg_to_dict(model_cfg)
