@@ -23,6 +23,7 @@ from gem.data.causal_collate import causal_collator
 from gem.lit.datamodule import TaskDataModule, check_eval_order
 from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
+from gem.lit.resume import ResumeCheckpoint
 from gem.methods import build_method
 from gem.models import load_model
 from gem.records import RunRecord, process_rank, redact_hydra_files
@@ -155,10 +156,7 @@ def _resume_checkpoint_callback(cfg: DictConfig, run_dir: Path):
     settings = cfg.get("resume_checkpoints") or {}
     if not settings.get("save_last", False):
         return None
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    return ModelCheckpoint(dirpath=run_dir / "lightning", save_last=True, save_top_k=0,
-                           every_n_train_steps=settings.get("every_n_train_steps"), save_on_train_epoch_end=True)
+    return ResumeCheckpoint(run_dir / "lightning" / "last.ckpt", settings.get("every_n_train_steps"))
 
 
 def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str | None:
@@ -211,7 +209,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                                 enable_checkpointing=resume_checkpoint is not None)
+                                                 enable_checkpointing=False)  # ours: ResumeCheckpoint
     if trainer.logger:
         # The resolved config (secrets removed), so wandb filters like config.task.name work.
         trainer.logger.log_hyperparams(record.data["config"])

@@ -8,17 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import RUN_PY, TINY_RUN, cli_env, run_cli
 from gem.lit.datamodule import TaskDataModule
+from gem.lit.resume import ResumeCheckpoint
 
 # 96 examples / batch 16 = 6 steps per epoch; a resume checkpoint every 5 steps lands mid-epoch.
 RESUMABLE = [*[o for o in TINY_RUN if not o.startswith(("task.num_train", "trainer.max_epochs"))],
@@ -26,17 +25,28 @@ RESUMABLE = [*[o for o in TINY_RUN if not o.startswith(("task.num_train", "train
              "resume_checkpoints.every_n_train_steps=5"]
 
 
-def _kill_after_first_checkpoint(args: list[str], run_dir, cwd) -> None:
-    # A session of its own, so the kill reaches every process of the run (DDP's other ranks too).
-    process = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=cwd, env=cli_env(), start_new_session=True,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run_dir / "lightning" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # no handler runs, as in a preemption or an OOM kill
-    process.wait()
-    assert checkpoint.exists(), "the run never wrote a resume checkpoint"
+# run.py, except that right after the resume checkpoint of step DIE_AT is written, the run's
+# whole process group (DDP's other ranks too) gets SIGKILL: no handler runs, as in a preemption
+# or an OOM kill, and the kill lands at a known step.
+_DIES_AFTER_CHECKPOINT = """
+import os, runpy, signal, sys
+from gem.lit.resume import ResumeCheckpoint
+save, die_at = ResumeCheckpoint.save, int(sys.argv[1])
+def save_then_die(self, trainer):
+    save(self, trainer)
+    if trainer.global_step == die_at and trainer.is_global_zero:
+        os.killpg(0, signal.SIGKILL)
+ResumeCheckpoint.save = save_then_die
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _killed_after_checkpoint(args: list[str], step: int, cwd) -> None:
+    process = subprocess.run([sys.executable, "-c", _DIES_AFTER_CHECKPOINT, str(step), str(RUN_PY), *args], cwd=cwd,
+                             env=cli_env(), start_new_session=True, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=400)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
 
 
 def _assert_same_run(whole, resumed) -> None:
@@ -57,9 +67,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tm
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_cli([*args, f"hydra.run.dir={whole}"], cwd=tmp_path).returncode == 0
 
-    _kill_after_first_checkpoint([*args, f"hydra.run.dir={killed}"], killed, tmp_path)
+    _killed_after_checkpoint([*args, f"hydra.run.dir={killed}"], 5, tmp_path)
     saved = torch.load(killed / "lightning" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert 0 < saved["global_step"] < 18 and saved["global_step"] % 6 != 0  # really mid-epoch
+    assert saved["global_step"] == 5  # mid-epoch: 6 steps per epoch
     assert json.loads((killed / "results.json").read_text())["status"] == "running"
 
     resumed = run_cli([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
@@ -75,9 +85,9 @@ def test_ddp_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir
     done = run_cli([*args, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    _kill_after_first_checkpoint([*args, f"hydra.run.dir={killed}"], killed, tmp_path)
+    _killed_after_checkpoint([*args, f"hydra.run.dir={killed}"], 5, tmp_path)
     saved = torch.load(killed / "lightning" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert 0 < saved["global_step"] < 9 and saved["global_step"] % 3 != 0  # really mid-epoch
+    assert saved["global_step"] == 5  # mid-epoch: 3 steps per epoch and rank
 
     resumed = run_cli([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -122,9 +132,8 @@ def _fit(module, checkpoint_dir, every_n_steps, size, batch_size, ckpt_path=None
     task = SimpleNamespace(train=list(range(size)), dev=[0, 1], test=[0, 1])
     data = TaskDataModule(task, torch.tensor, batch_size=batch_size, eval_batch_size=2, seed=3, num_workers=workers)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
-                                                   every_n_train_steps=every_n_steps, save_on_train_epoch_end=True)])
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[ResumeCheckpoint(checkpoint_dir / "last.ckpt", every_n_steps)])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
 
@@ -138,14 +147,17 @@ def _fit(module, checkpoint_dir, every_n_steps, size, batch_size, ckpt_path=None
     (24, 4, 12, 0),   # the end of the second epoch
     (24, 4, 5, 1),    # a worker process draws the indices as soon as the iterator exists
     (24, 4, 6, 1),
+    (24, 4, None, 0),  # no step checkpoints: the epoch-end one (the run dies in the second epoch)
 ])
 def test_resume_at_any_step_continues_with_exactly_the_remaining_batches(tmp_path, size, batch_size, step, workers):
     whole = _Probe()
-    _fit(whole, tmp_path / "whole", 10_000, size, batch_size, workers=workers)
+    _fit(whole, tmp_path / "whole", None, size, batch_size, workers=workers)
+    every, dies = (step, step) if step else (None, 9)
     with pytest.raises(RuntimeError, match="killed"):
-        _fit(_Probe(die_at_step=step), tmp_path / "killed", step, size, batch_size, workers=workers)
+        _fit(_Probe(die_at_step=dies), tmp_path / "killed", every, size, batch_size, workers=workers)
+    step = step or 6  # where the epoch-end checkpoint stands
     resumed = _Probe()
-    _fit(resumed, tmp_path / "resumed", 10_000, size, batch_size, ckpt_path=tmp_path / "killed" / "last.ckpt",
+    _fit(resumed, tmp_path / "resumed", None, size, batch_size, ckpt_path=tmp_path / "killed" / "last.ckpt",
          workers=workers)
     assert resumed.batches == whole.batches[step:]  # the same batches, in order, none cut, none repeated
     assert resumed.validated == whole.validated[-len(resumed.validated):] and resumed.validated[-1] == 2

@@ -89,15 +89,15 @@ class ResumableDataLoader(DataLoader):
         return trained
 
     def __iter__(self):
+        # A generator: the DataLoader iterator (and any workers, which draw indices at once) is
+        # made at the first batch, after Lightning has set the epoch. Lightning makes this
+        # iterator before it sets the epoch, and on a resume it keeps it for the first epoch.
         self.batches_yielded = 0
         self._creating_iterator = True
         try:
-            batches = super().__iter__()  # takes the index sampler now; draws from it lazily
+            batches = super().__iter__()  # takes the index sampler now
         finally:
             self._creating_iterator = False
-        return self._counted(batches)
-
-    def _counted(self, batches):
         for batch in batches:
             self.batches_yielded += 1
             yield batch
