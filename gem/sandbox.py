@@ -73,7 +73,6 @@ problems of the sample and never hangs the caller beyond ``timeout_s`` plus star
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import math
 import os

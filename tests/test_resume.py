@@ -4,7 +4,6 @@ and a resume at any step, epoch ends included, continues with exactly the remain
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

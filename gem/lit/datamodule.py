@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import logging
 from typing import Callable, Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
-
-log = logging.getLogger(__name__)
 
 
 class EpochSeededSampler(Sampler[int]):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from gem.models.packaged import (
