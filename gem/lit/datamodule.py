@@ -36,9 +36,8 @@ class EpochSeededSampler(Sampler[int]):
 class _ResumeAt:
     """A batch sampler that, when iterated, first asks how many leading batches to drop.
 
-    The answer comes at the first draw, after Lightning has set the epoch, so a checkpoint
-    written at an epoch's end never makes the next epoch skip anything; the dropped batches'
-    examples are never loaded.
+    The answer comes at the first draw, after Lightning has set the epoch, so only the
+    checkpoint's own epoch skips anything; the dropped batches' examples are never loaded.
     """
 
     def __init__(self, batch_sampler, batches_to_skip: Callable[[], int]):
@@ -75,12 +74,12 @@ class ResumableDataLoader(DataLoader):
     def _index_sampler(self):
         sampler = super()._index_sampler
         if self._creating_iterator and self._resume is not None:
-            return _ResumeAt(sampler, lambda: self._take_resume(len(sampler)))
+            return _ResumeAt(sampler, self._take_resume)
         return sampler
 
-    def _take_resume(self, batches_per_epoch: int) -> int:
+    def _take_resume(self) -> int:
         (epoch, trained), self._resume = self._resume, None
-        if getattr(self.sampler, "epoch", epoch) != epoch or trained >= batches_per_epoch:
+        if getattr(self.sampler, "epoch", epoch) != epoch:
             return 0  # not the checkpoint's epoch: it starts from its beginning
         self.batches_yielded = trained  # a resumed epoch counts on
         return trained
