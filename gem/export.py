@@ -4,7 +4,9 @@
 
 The base model comes from the run record's config, the trained part from
 `RUN_DIR/checkpoint` (GEM: sparse delta + head; LoRA: peft adapter; ...). GEM deltas and
-LoRA fold into the base weights; the export then loads with `AutoModel*.from_pretrained`.
+LoRA fold into the base weights, as do BitFit and full fine-tuning (their trained tensors
+replace the base ones); the export then loads with `AutoModel*.from_pretrained`. Adapters
+add modules a plain Hugging Face model does not have, so they do not export.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from gem.records import RECORD_NAME, read_record
 def load_trained(run_dir: str | Path):
     """(model with the run's trained state, tokenizer, method, record) for a finished run."""
     run_dir = Path(run_dir)
-    record = read_record(run_dir / RECORD_NAME)
+    try:
+        record = read_record(run_dir / RECORD_NAME)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{run_dir / RECORD_NAME}: cannot read the run record ({error})") from error
     if record.get("status") != "completed":
         raise ValueError(f"{run_dir} holds a run with status {record.get('status')!r}; only completed runs export")
     checkpoint = run_dir / "checkpoint"
@@ -34,17 +39,21 @@ def load_trained(run_dir: str | Path):
     kind = cfg.task.kind
     num_labels = 1 if kind == "regression" else max(2, len(cfg.task.get("label_names") or []))
     loaded = load_model(cfg.model, kind, num_labels)
-    targets = list(cfg.method.get("target_modules") or cfg.model.target_modules)
+    targets = cfg.method.get("target_modules") or cfg.model.target_modules
+    targets = [targets] if isinstance(targets, str) else list(targets)
     method = build_method(cfg.method.name, targets, **method_options(cfg.method))
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     method.load(model, checkpoint)
     return model, loaded.tokenizer, method, record
 
 
-def export_run(run_dir: str | Path, output_dir: str | Path) -> Path:
+def export_run(run_dir: str | Path, output_dir: str | Path, force: bool = False) -> Path:
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
+        raise FileExistsError(f"{output_dir} is not empty (another export?); choose a new folder or pass --force "
+                              f"to write over it")
     model, tokenizer, method, _ = load_trained(run_dir)
     merged = method.merged_model(model)
-    output_dir = Path(output_dir)
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
@@ -54,8 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a finished run's folder (holds results.json and checkpoint/)")
     parser.add_argument("--output", required=True, help="folder for the merged Hugging Face model")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --output folder")
     args = parser.parse_args(argv)
-    print(f"exported to {export_run(args.run_dir, args.output)}")
+    from gem.methods import MethodError
+
+    try:
+        output = export_run(args.run_dir, args.output, force=args.force)
+    except (OSError, ValueError, MethodError) as error:
+        parser.error(str(error))
+    print(f"exported to {output}")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,11 @@ def _canonical(num: str) -> str | None:
     return format(value.normalize(), "f")
 
 
-def gsm8k_final_number(text: str) -> str | None:
+def gsm8k_final_number(text: str, require_marker: bool = False) -> str | None:
     """The final numeric answer of a GSM8K solution or generation, canonicalised; or None.
+
+    The first number on the line of the last ``####``; without one (or with no number on
+    that line) the last number of the text, unless ``require_marker`` (then None).
 
     >>> gsm8k_final_number("so 1,000 + 234 = 1,234\\n#### 1,234")
     '1234'
@@ -96,10 +99,12 @@ def gsm8k_final_number(text: str) -> str | None:
     '18'
     """
     if "####" in text:
-        tail = text.rsplit("####", 1)[1]
+        tail = text.rsplit("####", 1)[1].split("\n", 1)[0]  # the answer line
         match = _NUMBER.search(tail)
         if match:
             return _canonical(match.group())
+    if require_marker:
+        return None
     matches = _NUMBER.findall(text)
     for cand in reversed(matches):
         canon = _canonical(cand)
@@ -108,14 +113,20 @@ def gsm8k_final_number(text: str) -> str | None:
     return None
 
 
-def gsm8k_exact_match(generation: str, reference_answer: str) -> float:
+def gsm8k_exact_match(generation: str, reference_answer: str, answer: str = "marker") -> float:
     """1.0 if the final numbers of ``generation`` and the GSM8K reference agree, else 0.0.
 
-    ``reference_answer`` may be the full reference solution (ending in ``#### N``) or just
-    the number.  A generation without any number scores 0.
+    ``answer="marker"`` (GEM_SPEC: "the final number after ``####``") reads the generation's
+    answer only after ``####``: a generation cut off before it scores 0. ``"last_number"``
+    also accepts the last number of a generation without ``####`` (a more lenient reading
+    common in other evaluations). ``reference_answer`` may be the full reference solution
+    (ending in ``#### N``) or just the number.
     """
+    if answer not in ("marker", "last_number"):
+        raise ValueError(f"gsm8k answer={answer!r}; choose 'marker' (the number after ####, the spec) "
+                         f"or 'last_number'")
     ref = gsm8k_final_number(reference_answer)
-    pred = gsm8k_final_number(generation)
+    pred = gsm8k_final_number(generation, require_marker=answer == "marker")
     return float(ref is not None and pred == ref)
 
 

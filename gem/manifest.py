@@ -4,8 +4,8 @@
 
 For every `results.json` below the given folders: its folder, status, task, method, seed,
 learning rate, density (sparse methods), main test metric, fit time, and the command that
-re-runs it, rebuilt from the run's `.hydra/overrides.yaml` (the command-line overrides Hydra
-saved; secrets redacted) with `hydra.run.dir` pointing back at the same folder. A footer
+re-runs it, rebuilt from the record's `overrides` (older records: the run's
+`.hydra/overrides.yaml`; the command-line overrides, secrets redacted) with `hydra.run.dir` pointing back at the same folder. A footer
 lists the distinct machines (platform, CPU count, GPU) and package versions the records
 report, so a table built from these records says where its numbers came from.
 """
@@ -36,7 +36,8 @@ def run_overrides(run_dir: str | Path) -> list[str] | None:
 def run_command(record: dict) -> str:
     """`python run.py ...` that re-runs the record's job into the same folder ('' if unknown)."""
     run_dir = Path(record["_path"]).parent
-    overrides = run_overrides(run_dir)
+    overrides = record.get("overrides")  # the record's own copy (older records: Hydra's file)
+    overrides = run_overrides(run_dir) if overrides is None else [redact_override_text(str(o)) for o in overrides]
     if overrides is None:
         return ""
     return " ".join(["python run.py", *(shlex.quote(o) for o in overrides), shlex.quote(f"hydra.run.dir={run_dir}")])

@@ -730,6 +730,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_selection(records: Sequence[dict], *, group_by: Sequence[str] = (), sweep_keys: Sequence[str] = (),
+                    tasks=None, methods=None, models=None) -> str | None:
+    """What a typo in the table's options would silently do, as a message (None when all is well).
+
+    A `--group-by`/`--sweep-key` key that no completed record has would group (or select) by
+    "none"; a `--tasks`/`--methods`/`--models` value no completed record has would add a blank
+    column or drop a row without a word.
+    """
+    done = [r for r in records if r.get("status") == "completed"]
+    if not done:
+        return None  # nothing to check against; the table says "(no completed runs)" and why
+    for option, keys in (("--group-by", group_by), ("--sweep-key", sweep_keys)):
+        for key in keys:
+            full = KEY_ALIASES.get(key, key)
+            if all(lookup(r, full) is None for r in done):
+                return (f"{option} {key}: no completed record has this key. Keys are dotted paths into "
+                        f"results.json, e.g. config.optim.lr, config.lr_index, config.method.density")
+    for option, field, wanted in (("--tasks", "task", tasks), ("--methods", "method", methods),
+                                  ("--models", "model", models)):
+        present = sorted({str(r.get(field)) for r in done})
+        unknown = [w for w in wanted or () if w not in present]
+        if unknown:
+            return f"{option}: no completed run of {', '.join(unknown)}; the records hold {', '.join(present)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -748,6 +774,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.wandb_filter:
         parser.error("--wandb-filter needs --wandb-project")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    if not records:
+        parser.error(f"no run records (results.json) under {', '.join(map(str, args.paths)) or 'the wandb query'}")
+    problem = check_selection(records, group_by=_split_keys(args.group_by), sweep_keys=_split_keys(args.sweep_key),
+                              tasks=split(args.tasks), methods=split(args.methods), models=split(args.models))
+    if problem:
+        parser.error(problem)
     table = build_table(records, metric=args.metric, group_by=_split_keys(args.group_by), select_by=args.select_by,
                         sweep_keys=_split_keys(args.sweep_key) or DEFAULT_SWEEP_KEYS, tasks=split(args.tasks),
                         methods=split(args.methods), models=split(args.models), digits=args.digits)

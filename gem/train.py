@@ -26,7 +26,8 @@ from gem.lit.module import FineTuneModule
 from gem.lit.resume import ResumeCheckpoint
 from gem.methods import build_method
 from gem.models import load_model
-from gem.records import RunRecord, process_rank, redact_hydra_files
+from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
+from gem.run_checks import check_run_folder, check_setting_types
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,14 @@ def _redact_hydra_output() -> None:
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _redact_hydra_output()
+    # Before anything is written: a refused run leaves an existing record as it was.
+    check_setting_types(cfg)
+    check_run_folder(cfg, run_dir, overwrite=bool(cfg.get("overwrite", False)))
+    run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,
                        seed=int(cfg.seed), config=OmegaConf.to_container(cfg, resolve=True))
+    record.data["overrides"] = _command_overrides()
     record.write()
     started = time.perf_counter()
     try:
@@ -148,8 +153,20 @@ def run(cfg: DictConfig) -> dict:
     record.finish("completed")
     if process_rank() == 0:
         log.info(summary)
-        print(summary)
+        if not logging.getLogger().handlers:  # under Hydra the log line already reaches the console
+            print(summary)
     return record.data
+
+
+def _command_overrides() -> list[str] | None:
+    """The job's command-line overrides (secrets redacted, without `ckpt_path`): with them the
+    manifest rebuilds the command that makes this run from scratch. Kept in the record because
+    Hydra rewrites `.hydra/overrides.yaml` at every start in the folder, a resume's included."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return [redact_override_text(str(o)) for o in HydraConfig.get().overrides.task if not str(o).startswith("ckpt_path=")]
 
 
 def _resume_checkpoint_callback(cfg: DictConfig, run_dir: Path):
@@ -160,14 +177,12 @@ def _resume_checkpoint_callback(cfg: DictConfig, run_dir: Path):
 
 
 def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str | None:
-    """`ckpt_path=last` means this run folder's own last checkpoint; a clear error if there is none."""
+    """`ckpt_path=last` means this run folder's own last checkpoint (`check_run_folder` made
+    sure it exists before the run started)."""
     requested = cfg.get("ckpt_path")
     if not requested:
         return None
-    path = run_dir / "lightning" / "last.ckpt" if str(requested) == "last" else Path(requested)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={requested}: no checkpoint at {path}. Resume with the killed run's folder "
-                                f"(hydra.run.dir=<its run dir>) and resume_checkpoints.save_last=true")
+    path = run_dir / "lightning" / "last.ckpt" if str(requested) == "last" else Path(requested)  # checked to exist
     record.update(resumed_from=str(path))
     return str(path)
 
@@ -179,13 +194,17 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
-        target_modules = list(cfg.method.get("target_modules") or cfg.model.target_modules)
+        target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
+        target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
         model = method.prepare(loaded.model, loaded.head_parameter_names)
     requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
         else int(cfg.task.max_length)
     max_length, clamp_note = fit_max_length(requested, loaded.model, loaded.tokenizer)
     notes = [*task.notes, *([clamp_note] if clamp_note else [])]
+    if not task.split_sizes.get("dev"):
+        notes.append("no dev set (task.num_dev=0): no best-epoch selection, the last epoch is tested")
+        log.warning(notes[-1])
     record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": notes},
                   method_settings=method.describe())
     if clamp_note:  # the data layer logs its own notes when it makes them
@@ -205,7 +224,9 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers),
                                 eval_order=eval_order)
-    callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed))
+    ckpt_path = _resolve_ckpt_path(cfg, run_dir, record)
+    callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed),
+                                 resume_from=ckpt_path)
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
@@ -215,7 +236,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
         trainer.logger.log_hyperparams(record.data["config"])
 
     with record.phase("fit"):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(cfg, run_dir, record))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     module.restore_best()
     with record.phase("test"):
         trainer.test(module, datamodule=datamodule, verbose=False)

@@ -284,3 +284,74 @@ def test_non_finite_loss_names_the_learning_rate(tmp_path, data_dir):
 
     fails_in_process(tiny(data_dir, "method=full", "optim.lr=1e30"), tmp_path / "run", NonFiniteLossError,
                      r"training loss is (nan|inf)", r"lower optim\.lr \(now 1e\+30\)")
+
+
+# --------------------------------------------------------------------------- setting types, run folders
+@pytest.mark.parametrize("override, pattern", [
+    ("optim.lr=abc", r"optim\.lr='abc' must be a finite number; e\.g\. optim\.lr=1e-3"),
+    ("seed=1.5", r"seed=1\.5 must be a whole number"),
+    ("batch_size=abc", r"batch_size='abc' must be a whole number"),
+    ("task.num_train=abc", r"task\.num_train='abc' must be a whole number"),
+    ("method.num_grad_samples=abc", r"method\.num_grad_samples='abc' must be a whole number"),
+    ("method.density=abc", r"method\.density='abc' must be a finite number"),
+    ("trainer.max_epochs=0", r"trainer\.max_epochs=0 trains nothing"),
+])
+def test_mistyped_settings_fail_before_anything_loads(override, pattern, tmp_path, data_dir, monkeypatch):
+    import gem.train
+    from gem.run_checks import RunSetupError
+
+    monkeypatch.setattr(gem.train, "load_task", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(RunSetupError, match=pattern):
+        run_in_process(tiny(data_dir, "method=gem", override), tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_completed_run_folder_is_never_overwritten_by_mistake(tmp_path, data_dir):
+    from gem.run_checks import RunSetupError
+
+    out = tmp_path / "run"
+    first = run_in_process(tiny(data_dir, "method=bitfit"), out)
+    before = (out / "results.json").read_bytes()
+    assert first["status"] == "completed" and first["overrides"] is None  # in-process: no Hydra command line
+    for again, pattern in [([], r"already holds a completed run.*another hydra\.run\.dir.*overwrite=true"),
+                           (["ckpt_path=last"], r"holds a completed run: there is nothing to resume"),
+                           (["optim.lr=abc"], r"optim\.lr='abc'")]:
+        with pytest.raises(RunSetupError, match=pattern):
+            run_in_process(tiny(data_dir, "method=bitfit", *again), out)
+        assert (out / "results.json").read_bytes() == before
+    assert run_in_process(tiny(data_dir, "method=bitfit", "overwrite=true"), out)["status"] == "completed"
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, data_dir):
+    # A killed run: its record says running and its resume checkpoint exists.
+    from gem.run_checks import RunSetupError
+
+    out = tmp_path / "run"
+    args = tiny(data_dir, "method=bitfit", "resume_checkpoints.keep_after_success=true")
+    run_in_process(args, out)
+    record = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**record, "status": "running"}))
+    with pytest.raises(RunSetupError, match=r"settings differ from the killed run's \(optim\.lr: 0\.001 -> 0\.5\)"):
+        run_in_process([*args, "ckpt_path=last", "optim.lr=0.5"], out)
+    assert json.loads((out / "results.json").read_text())["status"] == "running"
+    # the same settings (and a moved data folder) resume
+    assert run_in_process([*args, "ckpt_path=last"], out)["status"] == "completed"
+
+
+def test_one_target_module_given_as_a_string_is_a_list_of_one():
+    from gem.methods import build_method
+
+    assert build_method("gem", "query").target_modules == ["query"]
+    assert build_method("lora", "value").target_modules == ["value"]
+
+
+def test_more_gradient_samples_than_training_examples_is_said(tmp_path, data_dir, caplog):
+    with caplog.at_level("WARNING", logger="gem.lit.sparse_selection"):
+        record = run_in_process(tiny(data_dir, "method=gem", "method.num_grad_samples=500"), tmp_path / "run")
+    assert record["gem"]["gradient_samples"] == 32
+    assert "method.num_grad_samples=500 but the training set holds 32 examples" in caplog.text
+
+
+def test_no_dev_set_is_said_in_the_record(tmp_path, data_dir):
+    record = run_in_process(tiny(data_dir, "method=bitfit", "task.num_dev=0"), tmp_path / "run")
+    assert any("no dev set" in note for note in record["data"]["notes"])

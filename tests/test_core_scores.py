@@ -114,3 +114,24 @@ def test_entry_scores_all_kinds_and_errors():
         entry_scores("ratio", grads, {"b": torch.ones(2)})
     with pytest.raises(ValueError, match="no usable signal"):
         entry_scores("ratio", {"a": torch.zeros(2)}, weights)
+
+
+
+def test_random_score_with_cpu_generator_on_another_device(monkeypatch):
+    # A GPU run of random_mask passes a CPU generator for CUDA weights, which torch.rand refuses
+    # ("Expected a 'cuda' device type for generator"). No GPU here: the meta device stands in
+    # for it, and torch.rand is wrapped to refuse a generator of another device as CUDA does.
+    real_rand = torch.rand
+
+    def strict_rand(*size, generator=None, device=None, **kwargs):
+        if generator is not None and device is not None and torch.device(device).type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+        return real_rand(*size, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", strict_rand)
+    weights = {"a": torch.empty(3, 4, device="meta")}
+    on_meta = entry_scores("random", weights=weights, generator=torch.Generator().manual_seed(5))["a"]
+    assert on_meta.device.type == "meta" and on_meta.shape == (3, 4)
+    # drawn on the generator's device, so the mask does not depend on where the model sits
+    assert torch.equal(random_score((3, 4), torch.Generator().manual_seed(5), device="cpu"),
+                       real_rand((3, 4), generator=torch.Generator().manual_seed(5)))

@@ -388,3 +388,21 @@ def test_hub_rows_map_like_local_rows(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(DataError, match="GEM_DATA_DIR.*no network"):
         load_task(small("rte"), None, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_examples", [1, 16, 40, 47])
+def test_gradient_pass_shares_rebuild_the_single_process_batches(world_size, num_examples):
+    from gem.lit.datamodule import gradient_pass_share
+
+    examples, batch_size = list(range(num_examples)), 16
+    single = [examples[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    union = []
+    for rank in range(world_size):
+        share = gradient_pass_share(examples, batch_size, rank, world_size)
+        batches = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]  # as the DataLoader cuts them
+        assert batches == single[rank::world_size]
+        union += batches
+    # every single-process batch appears exactly once over the ranks, so the all-reduced sum of
+    # per-batch gradients does not depend on the number of ranks
+    assert sorted(union) == sorted(single)

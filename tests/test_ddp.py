@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from conftest import TINY_RUN, run_cli
 
-ARGS = [*TINY_RUN, "method=gem", "method.num_grad_samples=32", "task.num_train=32"]
+# 40 gradient-pass examples in batches of 16: 16 + 16 + 8, a short last batch, so the DDP sum
+# matches one process only if the ranks split the single-process batches (not the examples).
+ARGS = [*TINY_RUN, "method=gem", "method.num_grad_samples=40", "task.num_train=40", "batch_size=16"]
 
 
 def test_ddp_cpu_masks_match_single_process_and_one_record(data_dir, tmp_path):
@@ -25,8 +27,8 @@ def test_ddp_cpu_masks_match_single_process_and_one_record(data_dir, tmp_path):
     assert record["status"] == "completed"
     # Both ranks' masks were compared at selection time (all_gather of per-matrix checksums).
     assert record["gem"]["ranks_with_identical_masks"] == 2
-    # Each rank summed half of the 32 gradient-pass examples; the all-reduce covers all 32 once.
-    assert record["gem"]["gradient_samples"] == 32
+    # The ranks summed disjoint batches of the 40 gradient-pass examples; the all-reduce covers all once.
+    assert record["gem"]["gradient_samples"] == 40
     assert record["gem"]["changed_outside_mask"] == 0
 
     # The same masks as one process on the same data (scores agree up to summation order).

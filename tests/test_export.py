@@ -32,3 +32,21 @@ def test_adapters_refuse_to_merge(data_dir, tmp_path):
     run_in_process([*TINY_RUN, *method_overrides("adapter"), f"data_dir={data_dir}"], run_dir)
     with pytest.raises(MethodError, match="cannot be folded"):
         export_run(run_dir, tmp_path / "hf")
+
+
+def test_export_cli_errors_name_the_problem(data_dir, tmp_path, capsys):
+    from gem.export import main
+
+    run_dir = tmp_path / "run"
+    run_in_process([*TINY_RUN, "method=bitfit", f"data_dir={data_dir}"], run_dir)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--output", str(taken)])
+    assert "is not empty (another export?)" in capsys.readouterr().err
+    assert (taken / "config.json").read_text() == "{}"
+    (run_dir / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--output", str(tmp_path / "new")])
+    assert f"{run_dir / 'results.json'}: cannot read the run record" in capsys.readouterr().err

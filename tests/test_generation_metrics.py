@@ -69,11 +69,24 @@ def test_gsm8k_final_number(text, expected):
 
 def test_gsm8k_exact_match():
     ref = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
-    assert gsm8k_exact_match("She makes $18 a day.", ref) == 1.0
+    # the spec's reading (default): only the number after #### counts
+    assert gsm8k_exact_match("She makes $18 a day.", ref) == 0.0  # cut off before "####"
     assert gsm8k_exact_match("... #### 18.00", ref) == 1.0
-    assert gsm8k_exact_match("The answer is 19", ref) == 0.0
+    assert gsm8k_exact_match("18 + 1 = 19\n#### 18", ref) == 1.0
+    assert gsm8k_exact_match("#### 19", ref) == 0.0
     assert gsm8k_exact_match("I don't know", ref) == 0.0
-    assert gsm8k_exact_match("The total is 1,234", "1234") == 1.0
+    # the lenient reading also takes the last number of a generation without "####"
+    assert gsm8k_exact_match("She makes $18 a day.", ref, answer="last_number") == 1.0
+    assert gsm8k_exact_match("The answer is 19", ref, answer="last_number") == 0.0
+    assert gsm8k_exact_match("The total is 1,234", "1234", answer="last_number") == 1.0
+    with pytest.raises(ValueError, match="choose 'marker'"):
+        gsm8k_exact_match("#### 18", ref, answer="first_number")
+
+
+def test_gsm8k_final_number_with_the_marker_required():
+    assert gsm8k_final_number("So 2 + 3 = 5\n#### 5", require_marker=True) == "5"
+    assert gsm8k_final_number("So 2 + 3 = 5", require_marker=True) is None
+    assert gsm8k_final_number("#### none\nbut 7 was written before", require_marker=True) is None
 
 
 # --------------------------------------------------------------------------- stop strings

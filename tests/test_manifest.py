@@ -44,3 +44,13 @@ def test_manifest_lists_every_record_with_its_numbers_and_the_machines(tmp_path,
     assert "- ?, ? CPUs, GPU not recorded (1)" in text
     assert main([str(tmp_path / "missing")]) == 2
     assert "no such record folder" in capsys.readouterr().err
+
+
+def test_the_records_own_overrides_win_over_hydras_file(tmp_path):
+    # Hydra rewrites .hydra/overrides.yaml at every start in a folder (a resume's, a refused
+    # rerun's); the record keeps the command that made the run.
+    run = write_run(tmp_path, "a", ["task=cb", "ckpt_path=last", "optim.lr=0.5"])
+    record = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**record, "overrides": ["task=cb", "method=gem", "seed=2"]}))
+    (loaded,) = load_records([tmp_path])
+    assert run_command(loaded) == f"python run.py task=cb method=gem seed=2 hydra.run.dir={tmp_path / 'a'}"

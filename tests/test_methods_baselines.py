@@ -311,3 +311,36 @@ def test_minilm_counts(minilm):
         assert method.tuned_count(model) == count, name
         assert method.head_count(model) == 2 * h + 2, name  # 770
         assert torch.equal(out(model, x), reference), name
+
+
+@pytest.mark.parametrize("scores, best", [([float("nan"), 0.8, 0.9], 2), ([0.5, float("nan"), 0.4], 0),
+                                          ([float("nan"), float("nan")], 0)])
+def test_a_nan_dev_score_is_never_the_best_epoch(scores, best):
+    # A constant prediction gives a NaN correlation (STS-B); it must not keep epoch 0 "best".
+    from types import SimpleNamespace
+
+    from gem.lit.module import BestEpochModule
+
+    class Probe(BestEpochModule):
+        epoch = 0
+
+        @property
+        def current_epoch(self):
+            return self.epoch
+
+        @property
+        def trainer(self):
+            return SimpleNamespace(sanity_checking=False)
+
+        def log(self, *args, **kwargs):
+            pass
+
+        def log_dict(self, *args, **kwargs):
+            pass
+
+    method = SimpleNamespace(state_to_save=lambda model: {"w": torch.zeros(1)})
+    probe = Probe(torch.nn.Linear(1, 1), method, main_metric="pearson", optim={"lr": 1e-3})
+    for epoch, score in enumerate(scores):
+        probe.epoch = epoch
+        probe._dev_epoch_done({"dev/pearson": score})
+    assert probe.best_epoch == best

@@ -116,6 +116,9 @@ def test_resolve_model_source_kwargs(offline, tmp_path):
     assert resolve_model_source({"pretrained": str(tmp_path)})[0] == str(tmp_path)
     with pytest.raises(ModelLoadError):
         resolve_model_source({"pretrained": "packaged:nope"})
+    # a path that is not there is named as such (not as a Hub id missing offline)
+    with pytest.raises(ModelLoadError, match=r"no model folder at .*nonexistent_model"):
+        resolve_model_source({"pretrained": str(tmp_path / "nonexistent_model")})
 
 
 def test_resolve_accepts_dictconfig(offline):

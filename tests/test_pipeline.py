@@ -43,6 +43,8 @@ def test_hydra_run_dir_holds_the_record(wandb_offline_cli_run):
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "completed"
     assert record["config"]["paths"]["output_dir"] == str(run_dir)
+    # the command-line overrides, for gem.manifest (hydra.* ones are Hydra's own)
+    assert record["overrides"] == [*CLI_TINY, "method=bitfit", "logger=wandb", f"data_dir={record['config']['data_dir']}"]
     assert (run_dir / "checkpoint" / "trained.safetensors").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
 

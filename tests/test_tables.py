@@ -417,3 +417,22 @@ def test_cells_pooling_different_settings_are_flagged(tmp_path):
     assert "tiny-bert/full/rte (config.task.num_train)" in notes
     split = build_table(load_records([tmp_path]), group_by=["density", "config.task.num_train"])
     assert not any("differ in a setting" in n for n in split.notes)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--sweep-key", "config.lr_indx"], "--sweep-key config.lr_indx: no completed record has this key"),
+    (["--group-by", "config.method.densty"], "--group-by config.method.densty: no completed record has this key"),
+    (["--tasks", "rte,sts"], "--tasks: no completed run of sts; the records hold"),
+    (["--methods", "gem,LoRA"], "--methods: no completed run of LoRA; the records hold"),
+])
+def test_a_typo_in_the_options_is_an_error_not_a_different_table(runs, options, message, capsys):
+    with pytest.raises(SystemExit):
+        tables.main([str(runs), "--select-by", "dev", *options])
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_without_records_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tables.main([str(tmp_path), "--output", str(tmp_path / "table.md")])
+    assert "no run records (results.json) under" in capsys.readouterr().err
+    assert not (tmp_path / "table.md").exists()

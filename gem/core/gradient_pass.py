@@ -22,7 +22,7 @@ def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.
 
 
 @contextmanager
-def _only_these_require_grad(model: nn.Module, weights: list[nn.Parameter]):
+def _only_these_require_grad(model: nn.Module, weights: list[nn.Parameter], train_mode: bool = False):
     """Gradients for `weights` alone (no wasted weight-gradient GEMMs elsewhere); restore after."""
     flags = {p: p.requires_grad for p in model.parameters()}
     grads = {p: p.grad for p in model.parameters()}
@@ -33,8 +33,10 @@ def _only_these_require_grad(model: nn.Module, weights: list[nn.Parameter]):
             p.grad = None
         for w in weights:
             w.requires_grad_(True)
-        # Dropout off: the mask is then a deterministic function of the data and the weights.
-        model.eval()
+        # Dropout off by default: the mask is then a deterministic function of the data and the
+        # weights. The spec says only "the ordinary training loss"; train mode (dropout on, as in
+        # an optimizer step) is the other reading, and an option.
+        model.train(train_mode)
         yield
     finally:
         for p, flag in flags.items():
@@ -61,17 +63,19 @@ def accumulate_gradients(
     loss_fn: LossFn = training_loss,
     squared_per_example: bool = False,
     device: torch.device | None = None,
+    train_mode: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sum over batches of dL_b/dW for each weight in `weights` (keyed by module name).
 
     With `squared_per_example` (FISH), returns instead the sum over single examples of
-    (dL_i/dW)**2, computing one backward per example. Returns the sums (fp32, on the
+    (dL_i/dW)**2, computing one backward per example. `train_mode` runs the pass with the
+    model in train mode (dropout on) instead of eval mode. Returns the sums (fp32, on the
     weights' device) and the number of examples seen.
     """
     device = device or next(iter(weights.values())).device
     sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     seen = 0
-    with _only_these_require_grad(model, list(weights.values())):
+    with _only_these_require_grad(model, list(weights.values()), train_mode):
         for batch in batches:
             batch = _move(batch, device)
             units = _per_example(batch) if squared_per_example else [batch]

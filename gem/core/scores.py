@@ -63,8 +63,14 @@ def smallest_weight_score(weight: Tensor) -> Tensor:
 def random_score(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
     """Uniform random scores in [0, 1): random masking (Xu & Zhang 2024). Pass a seeded
-    ``generator`` for a reproducible mask (its device must match ``device``)."""
-    return torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    ``generator`` for a reproducible mask.
+
+    The numbers are drawn on the generator's device and then moved to ``device``, so a CPU
+    generator gives the same mask whether the model sits on the CPU or a GPU.
+    """
+    draw_device = generator.device if generator is not None else device
+    scores = torch.rand(tuple(shape), generator=generator, device=draw_device, dtype=torch.float32)
+    return scores.to(device) if device is not None else scores
 
 
 # Per-matrix score functions by kind, for callers that want one directly.

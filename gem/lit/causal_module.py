@@ -37,7 +37,7 @@ from gem.metrics import build_metrics
 
 log = logging.getLogger(__name__)
 
-GENERATION_DEFAULTS = {"max_new_tokens": 50, "stop": [], "sandbox_timeout_s": 10.0}
+GENERATION_DEFAULTS = {"max_new_tokens": 50, "stop": [], "sandbox_timeout_s": 10.0, "answer": "marker"}
 
 
 # --------------------------------------------------------------------------- log-likelihoods
@@ -143,7 +143,7 @@ def extract_code(generation: str) -> str:
 
 
 def generation_score(metric: str, task_name: str, generation: str, example: dict,
-                     sandbox_timeout_s: float = 10.0) -> float:
+                     sandbox_timeout_s: float = 10.0, answer: str = "marker") -> float:
     """One example's score for `metric` (em, f1, pass@1) of a generation task."""
     raw = example.get("raw") or {}
     if metric == "pass@1":
@@ -155,7 +155,7 @@ def generation_score(metric: str, task_name: str, generation: str, example: dict
         setup = "\n".join(raw.get("test_imports") or [])
         return float(run_untrusted(extract_code(generation), tests, setup=setup, timeout_s=sandbox_timeout_s).passed)
     if task_name == "gsm8k" and metric == "em":
-        return gsm8k_exact_match(generation, example["target"])
+        return gsm8k_exact_match(generation, example["target"], answer=answer)
     answers = (raw.get("answers") or {}).get("text") or ([example["target"]] if example.get("target") else [])
     if metric == "f1":
         return squad_f1(generation.strip(), answers)
@@ -209,8 +209,8 @@ class CausalLMModule(BestEpochModule):
         texts = greedy_generate(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
                                 self.generation["max_new_tokens"], self.generation["stop"])
         for text, example in zip(texts, batch["examples"]):
-            scores = {m: generation_score(m, self.task_name, text, example,
-                                          float(self.generation["sandbox_timeout_s"])) for m in self.metric_names}
+            scores = {m: generation_score(m, self.task_name, text, example, float(self.generation["sandbox_timeout_s"]),
+                                          str(self.generation["answer"])) for m in self.metric_names}
             for name, value in scores.items():
                 metrics[name].update(value)
             self.generations[split].append({"uid": example["uid"], "generation": text, **scores})

@@ -188,6 +188,19 @@ class TaskDataModule(L.LightningDataModule):
 
         GEM's gradient pass uses the training loss on training data; taking a prefix of
         the seeded sample keeps the mask a function of the seed alone. Under DDP each rank
-        takes every `world_size`-th example, so the all-reduced sum covers the prefix once.
+        takes every `world_size`-th *batch* of the single-process batching, so the
+        all-reduced sum holds the same per-batch gradients whatever the number of ranks
+        (only the order of the floating-point additions differs).
         """
-        return self._loader(self.task.train[:num_examples][rank::world_size], self.batch_size, shuffle=False)
+        return self._loader(gradient_pass_share(self.task.train[:num_examples], self.batch_size, rank, world_size),
+                            self.batch_size, shuffle=False)
+
+
+def gradient_pass_share(examples: list, batch_size: int, rank: int, world_size: int) -> list:
+    """This rank's examples: every `world_size`-th batch of `examples` cut into `batch_size` runs.
+
+    Re-batched with the same batch size they give exactly those batches, because only the
+    last batch of the whole prefix can be short and it ends whichever share holds it.
+    """
+    starts = range(rank * batch_size, len(examples), world_size * batch_size)
+    return [example for start in starts for example in examples[start:start + batch_size]]

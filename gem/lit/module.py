@@ -65,9 +65,11 @@ class BestEpochModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.batch_loss(self.model, batch)
         if not torch.isfinite(loss):
+            precision = str(getattr(self.trainer, "precision", "32-true"))
+            fix = "" if precision.startswith("32") else f" or use trainer.precision=32-true (now {precision})"
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                f"lower optim.lr (now {self.optim['lr']}) or use trainer.precision=32-true")
+                f"lower optim.lr (now {self.optim['lr']}){fix}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
         return loss
 
@@ -81,8 +83,9 @@ class BestEpochModule(L.LightningModule):
         self.history.append({"epoch": epoch, **values})
         score = values[f"dev/{self.main_metric}"]
         best = self.best_dev.get(f"dev/{self.main_metric}", -math.inf)
-        # NaN (e.g. a correlation of a constant prediction) never counts as best.
-        if self.best_epoch is None or (not math.isnan(score) and score > best):
+        # NaN (e.g. a correlation of a constant prediction) never counts as best, and a NaN
+        # kept only because it came first gives way to the first real score.
+        if self.best_epoch is None or (not math.isnan(score) and (score > best or math.isnan(best))):
             self.best_epoch, self.best_dev = epoch, values
             self.best_state = {k: v.clone() for k, v in self.method.state_to_save(self.model).items()}
         self.log("dev/best_" + self.main_metric, self.best_dev[f"dev/{self.main_metric}"])

@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class SparseSelection(L.Callback):
-    def __init__(self, method, datamodule, *, record=None, run_dir: str | Path | None = None, seed: int = 0):
+    def __init__(self, method, datamodule, *, record=None, run_dir: str | Path | None = None, seed: int = 0,
+                 resume_from: str | Path | None = None):
         self.method = method
+        # The checkpoint this fit resumes from. Passed in because Lightning sets
+        # `trainer.ckpt_path` only after the setup hooks, where the masks must already exist.
+        self.resume_from = resume_from
         self.datamodule = datamodule
         self.record = record
         self.run_dir = Path(run_dir) if run_dir else None
@@ -41,12 +45,12 @@ class SparseSelection(L.Callback):
             # Pre-trained values of everything the method must not change (CPU copy).
             self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                               if not self.method._is_head(n)}
-        if trainer.ckpt_path:
+        if self.resume_from:
             # Resuming: the masks are part of the checkpoint; no new gradient pass (which could
             # differ on non-deterministic hardware). Lightning then restores deltas and optimizer.
-            masks = masks_from_checkpoint(trainer.ckpt_path)
-            self.method.inject_masks(model, masks)
-            log.info("%s: %d masks restored from %s", self.method.name, len(masks), trainer.ckpt_path)
+            masks = masks_from_checkpoint(self.resume_from)
+            self.method.inject_masks(model, {n: idx.to(trainer.strategy.root_device) for n, idx in masks.items()})
+            log.info("%s: %d masks restored from %s", self.method.name, len(masks), self.resume_from)
             return
         start = time.perf_counter()
         grads, seen = None, 0
@@ -56,14 +60,23 @@ class SparseSelection(L.Callback):
             # The same loss as training (the decoder path scores candidates, not model(**batch).loss).
             loss_fn = getattr(pl_module, "batch_loss", None) or training_loss
             grads, seen = accumulate_gradients(model, batches, self.method.target_weights(model), loss_fn=loss_fn,
-                                               squared_per_example=self.method.options["score"] == "fisher")
+                                               squared_per_example=self.method.options["score"] == "fisher",
+                                               train_mode=self.method.options["gradient_pass_mode"] == "train")
             grads, seen = all_reduce_sums(grads, seen)
+            asked = int(self.method.options["num_grad_samples"])
+            if seen < asked:
+                log.warning("%s: method.num_grad_samples=%d but the training set holds %d examples; the gradient "
+                            "pass used all of them", self.method.name, asked, seen)
         gradient_pass_s = time.perf_counter() - start
         start = time.perf_counter()
         masks = self.method.select(model, grads, seen, seed=self.seed)
         selection_math_s = time.perf_counter() - start
         ranks_agreeing = check_masks_agree_across_ranks(masks)
         tuned = sum(m.numel() for m in masks.values())
+        if self.method.total_budget - tuned > len(self.method.targets):  # more than flooring k_l loses
+            log.warning("%s: %d of K=%d entries selected: some matrices' shares exceeded their size (or their "
+                        "scores were NaN) and the rest is not redistributed, as in the authors' code",
+                        self.method.name, tuned, self.method.total_budget)
         self.summary = {
             "budget": self.method.total_budget, "tuned": tuned, "gradient_samples": seen,
             "budgets": dict(self.method.budgets), "gradient_pass_s": round(gradient_pass_s, 3),
@@ -136,10 +149,12 @@ def check_masks_agree_across_ranks(masks: dict[str, torch.Tensor]) -> int:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
-    # Per matrix: count and an order-sensitive checksum of the flat indices.
+    # Per matrix: count and an order-sensitive checksum of the flat indices. The summary lives
+    # on the masks' device: NCCL (multi-GPU DDP) cannot gather CPU tensors.
+    device = next(iter(masks.values())).device if masks else torch.device("cpu")
     summary = torch.tensor([v for idx in masks.values() for v in
                             (idx.numel(), int((idx.cpu() * torch.arange(1, idx.numel() + 1)).sum()))],
-                           dtype=torch.long)
+                           dtype=torch.long, device=device)
     gathered = [torch.zeros_like(summary) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, summary)
     if any(not torch.equal(g, gathered[0]) for g in gathered):

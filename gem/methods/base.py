@@ -29,7 +29,8 @@ class Method:
     name: str = "base"
 
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
-        self.target_modules = list(target_modules or [])
+        # One name given as a string (`model.target_modules=query`) is a list of one, not of letters.
+        self.target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
         self.options = options
         # Names of the newly initialised task-head parameters (set by `prepare`).
         self.head_parameter_names: set[str] = set()

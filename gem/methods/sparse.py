@@ -50,6 +50,7 @@ class SparseMask(Method):
         "delta_init": "zero",        # zero (clean) | w0 (authors' quirk: selected entries start at 2*W0)
         "threshold": "exact",        # exact top-k | unsorted (authors' quirk: threshold from an unsorted topk)
         "verify_untouched": True,    # at the end, count entries that changed outside the mask
+        "gradient_pass_mode": "eval",  # eval (dropout off: mask a function of data and weights) | train
     }
 
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
@@ -63,6 +64,9 @@ class SparseMask(Method):
                               f"{o['score']!r} score needs a gradient pass; set it to at least 1 (the paper uses 1000)")
         if o["budget"] not in BUDGET_RULES:
             raise MethodError(f"{self.name}: unknown budget rule {o['budget']!r}; choose one of {sorted(BUDGET_RULES)}")
+        if o["gradient_pass_mode"] not in ("eval", "train"):
+            raise MethodError(f"{self.name}: method.gradient_pass_mode={o['gradient_pass_mode']!r}; choose 'eval' "
+                              f"(dropout off in the gradient pass) or 'train' (dropout on, as in a training step)")
         if o["threshold"] not in ("exact", "unsorted"):
             raise MethodError(f"{self.name}: method.threshold must be 'exact' or 'unsorted'")
         if not self.target_modules:
@@ -74,7 +78,9 @@ class SparseMask(Method):
 
     # --- preparing: freeze everything but the head; the mask comes later --------------------
     def prepare(self, model: nn.Module, head_parameter_names: Iterable[str] = ()) -> nn.Module:
-        self.targets = sorted(find_target_linears(model, self.target_modules))
+        # Module order (layer 0, 1, ..., 10, 11), not string order (which puts layer 10 before 2):
+        # the allocation tables and figures read bottom to top.
+        self.targets = list(find_target_linears(model, self.target_modules))
         self.num_model_parameters = sum(p.numel() for p in model.parameters())
         eligible = sum(model.get_submodule(n).weight.numel() for n in self.targets)
         # Fail now, not after the gradient pass, when the density cannot be honoured.
@@ -123,10 +129,10 @@ class SparseMask(Method):
             self.budgets = {n: int(masks[n].numel()) if n in masks else 0 for n in self.targets}
         return masks
 
-    def callbacks(self, *, datamodule, record=None, run_dir=None, seed: int = 0, **_) -> list:
+    def callbacks(self, *, datamodule, record=None, run_dir=None, seed: int = 0, resume_from=None, **_) -> list:
         from gem.lit.sparse_selection import SparseSelection
 
-        return [SparseSelection(self, datamodule, record=record, run_dir=run_dir, seed=seed)]
+        return [SparseSelection(self, datamodule, record=record, run_dir=run_dir, seed=seed, resume_from=resume_from)]
 
     # --- counting and optimisation ------------------------------------------------------------
     def tuned_count(self, model: nn.Module) -> int:

@@ -429,6 +429,10 @@ def resolve_model_source(model_cfg: Any) -> tuple[str, dict]:
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"Local model folder {local} has no config.json.")
         return str(local), kwargs
+    if src.startswith(("/", "./", "../", "~")) or local.is_file():
+        # A path, not a Hub id ("org/name"): say so instead of blaming the Hub.
+        raise ModelLoadError(f"model.pretrained={src}: no model folder at {local} (a folder with config.json and "
+                             f"the weights, as save_pretrained writes it)")
 
     if revision:
         kwargs["revision"] = revision
