@@ -61,6 +61,17 @@ def check_setting_types(cfg: DictConfig) -> None:
                             f"untrained model's); set trainer.max_epochs to at least 1")
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one: say which trainer to use instead."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunSetupError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use trainer=cpu "
+                                f"(or trainer=default, which takes what the machine has)")
+
+
 def _example(key: str) -> str:
     return {"optim.lr": "1e-3", "method.density": "0.001", "optim.weight_decay": "0.0"}.get(key, "1")
 

@@ -770,7 +770,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             filters = json.loads(args.wandb_filter) if args.wandb_filter else None
         except json.JSONDecodeError as error:
             parser.error(f"--wandb-filter is not JSON: {error}")
-        records += load_wandb_records(args.wandb_project, filters)
+        try:
+            records += load_wandb_records(args.wandb_project, filters)
+        except Exception as error:  # wandb raises its own types (auth, network, unknown project)
+            parser.error(f"--wandb-project {args.wandb_project}: wandb could not list the runs "
+                         f"({type(error).__name__}: {error}). Check `wandb login` (or WANDB_API_KEY), the network, "
+                         f"and that the project is ENTITY/PROJECT")
     elif args.wandb_filter:
         parser.error("--wandb-filter needs --wandb-project")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731

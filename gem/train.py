@@ -27,7 +27,7 @@ from gem.lit.resume import ResumeCheckpoint
 from gem.methods import build_method
 from gem.models import load_model
 from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
-from gem.run_checks import check_run_folder, check_setting_types
+from gem.run_checks import check_accelerator, check_run_folder, check_setting_types
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def run(cfg: DictConfig) -> dict:
     _redact_hydra_output()
     # Before anything is written: a refused run leaves an existing record as it was.
     check_setting_types(cfg)
+    check_accelerator(cfg)
     check_run_folder(cfg, run_dir, overwrite=bool(cfg.get("overwrite", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,

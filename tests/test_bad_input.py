@@ -355,3 +355,16 @@ def test_more_gradient_samples_than_training_examples_is_said(tmp_path, data_dir
 def test_no_dev_set_is_said_in_the_record(tmp_path, data_dir):
     record = run_in_process(tiny(data_dir, "method=bitfit", "task.num_dev=0"), tmp_path / "run")
     assert any("no dev set" in note for note in record["data"]["notes"])
+
+
+def test_a_gpu_trainer_without_a_gpu_says_which_trainer_to_use(tmp_path, data_dir):
+    import torch
+
+    from gem.run_checks import RunSetupError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RunSetupError, match=r"trainer\.accelerator=gpu but no CUDA GPU is visible here; use trainer=cpu"):
+        run_in_process([o for o in tiny(data_dir, "method=bitfit") if not o.startswith("trainer.accelerator")]
+                       + ["trainer=gpu"], tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -436,3 +436,14 @@ def test_a_folder_without_records_is_an_error(tmp_path, capsys):
         tables.main([str(tmp_path), "--output", str(tmp_path / "table.md")])
     assert "no run records (results.json) under" in capsys.readouterr().err
     assert not (tmp_path / "table.md").exists()
+
+
+def test_wandb_without_login_is_a_clear_error(capsys):
+    # No wandb server here: wandb.Api is mocked to fail as it does without credentials.
+    pytest.importorskip("wandb")
+    api = mock.MagicMock(side_effect=RuntimeError("api_key not configured (no-tty)"))
+    with mock.patch("wandb.Api", api), pytest.raises(SystemExit):
+        tables.main(["--wandb-project", "ent/gem"])
+    err = capsys.readouterr().err
+    assert "--wandb-project ent/gem: wandb could not list the runs (RuntimeError: api_key not configured" in err
+    assert "wandb login" in err
