@@ -24,6 +24,22 @@ def lr_from_grid(method_name: str, default_lr: float, lr_index, lr_grids) -> flo
     return float(grid[int(lr_index)])
 
 
+def load_extensions(modules) -> list[str]:
+    """Import the modules named in the config's `extensions` (new scores, budget rules or
+    methods register themselves on import); a clear error when one cannot be imported."""
+    import importlib
+
+    names = [modules] if isinstance(modules, str) else list(modules or [])
+    for name in names:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as error:
+            raise ImportError(f"extensions: cannot import {name!r} ({error}); is its folder on PYTHONPATH (or "
+                              f"installed)? Run from the folder that holds it, or export PYTHONPATH=<that folder>") \
+                from error
+    return names
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("lr_from_grid"):
         OmegaConf.register_new_resolver("lr_from_grid", lr_from_grid)

@@ -34,6 +34,9 @@ def load_trained(run_dir: str | Path):
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"{checkpoint} is missing: the run was made with save_checkpoint=false")
     cfg = OmegaConf.create(record["config"])
+    from gem.config import load_extensions
+
+    load_extensions(cfg.get("extensions"))  # the run's own scores/rules/methods, if it used any
     from gem.train import method_options  # the same option filtering as the run itself
 
     kind = cfg.task.kind

@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from gem.config import load_extensions
 from gem.data import encoder_collator, load_task
 from gem.data.causal_collate import causal_collator
 from gem.lit.datamodule import TaskDataModule, check_eval_order
@@ -135,6 +136,7 @@ def run(cfg: DictConfig) -> dict:
     # Before anything is written: a refused run leaves an existing record as it was.
     check_setting_types(cfg)
     check_accelerator(cfg)
+    load_extensions(cfg.get("extensions"))  # before the method is built: it may name their rules
     check_run_folder(cfg, run_dir, overwrite=bool(cfg.get("overwrite", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from decimal import Decimal
 from fractions import Fraction
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -236,6 +236,26 @@ def _sanitised(score: Tensor) -> Tensor:
 
 
 # --- diagnostics ------------------------------------------------------------------------
+# Budget rules by name (`method.budget`): fn(scores, K, min_per_matrix) -> entries per matrix.
+BUDGET_RULES: dict[str, Callable[..., dict[str, int]]] = {
+    "entropy": entropy_guided_budgets,
+    "uniform": uniform_budgets,
+    "global": global_topk_budgets,
+}
+
+
+def register_budget_rule(name: str, fn: Callable[..., dict[str, int]]) -> None:
+    """Add a budget rule, usable as ``method.budget=<name>``.
+
+    ``fn(scores, K, min_per_matrix)`` gets every eligible matrix's scores (``-inf`` marks an
+    excluded entry) and returns how many entries each matrix selects; the sum must not
+    exceed K and no count may exceed the matrix's selectable entries (checked at selection).
+    """
+    if name in BUDGET_RULES:
+        raise ValueError(f"budget rule {name!r} already exists; pick another name")
+    BUDGET_RULES[name] = fn
+
+
 def allocation_table(scores: Mapping[str, Tensor], budgets: Mapping[str, int]) -> list[dict]:
     """One row per matrix for the allocation CSV / plot: name, numel, selectable, budget,
     density (budget / numel), r_norm, entropy, allocation_score. Statistics of matrices with

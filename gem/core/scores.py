@@ -81,7 +81,29 @@ SCORES: dict[str, Callable[..., Tensor]] = {
     "smallest_weight": smallest_weight_score,
     "random": random_score,
 }
-GRADIENT_KINDS = frozenset({"ratio", "gradient", "fisher"})
+# Kinds that need the gradient pass (registered rules add themselves).
+GRADIENT_KINDS: set[str] = {"ratio", "gradient", "fisher"}
+# Rules added with `register_score`: kind -> (fn(G or None, W0 or None) -> scores, needs G, needs W0).
+_REGISTERED: dict[str, tuple[Callable[[Tensor | None, Tensor | None], Tensor], bool, bool]] = {}
+
+
+def register_score(kind: str, fn: Callable[[Tensor | None, Tensor | None], Tensor], *,
+                   needs_gradients: bool = True, needs_weights: bool = True) -> None:
+    """Add a selection score, usable as ``method.score=<kind>``.
+
+    ``fn(G, W0)`` gets one matrix's summed gradient of the gradient pass (None unless
+    ``needs_gradients``) and its pre-trained weight (None unless ``needs_weights``) and
+    returns a score per entry (larger = selected first). Matrices with NaN/inf gradients are
+    excluded before ``fn`` sees them, as for the built-in scores.
+    """
+    if kind in SCORES:
+        raise ValueError(f"score kind {kind!r} already exists; pick another name")
+    if not (needs_gradients or needs_weights):
+        raise ValueError(f"score kind {kind!r} must use the gradients, the weights or both")
+    SCORES[kind] = fn
+    _REGISTERED[kind] = (fn, needs_gradients, needs_weights)
+    if needs_gradients:
+        GRADIENT_KINDS.add(kind)
 
 
 def check_gradients(grads: Mapping[str, Tensor]) -> list[str]:
@@ -137,7 +159,7 @@ def entry_scores(
         raise ValueError(f"unknown score kind {kind!r}; choose one of {sorted(SCORES)}")
     if kind in GRADIENT_KINDS and grads is None:
         raise ValueError(f"score kind {kind!r} needs the gradients")
-    if kind in ("ratio", "smallest_weight") and weights is None:
+    if (kind in ("ratio", "smallest_weight") or (kind in _REGISTERED and _REGISTERED[kind][2])) and weights is None:
         raise ValueError(f"score kind {kind!r} needs the pre-trained weights")
     if grads is not None and weights is not None and list(grads) != list(weights):
         missing = set(grads) ^ set(weights)
@@ -145,6 +167,8 @@ def entry_scores(
 
     if kind == "smallest_weight":
         return {name: smallest_weight_score(w) for name, w in weights.items()}
+    if kind in _REGISTERED and kind not in GRADIENT_KINDS:  # a registered weight-only score
+        return {name: _checked(kind, _REGISTERED[kind][0](None, w), w.shape) for name, w in weights.items()}
     if kind == "random":
         shapes = weights if weights is not None else grads
         if shapes is None:
@@ -163,11 +187,21 @@ def entry_scores(
             scores[name] = gradient_to_weight_ratio(grad, weights[name], eps)
         elif kind == "gradient":
             scores[name] = gradient_magnitude(grad)
+        elif kind in _REGISTERED:
+            fn, _, needs_weights = _REGISTERED[kind]
+            scores[name] = _checked(kind, fn(grad, weights[name] if needs_weights else None), grad.shape)
         else:
             if num_samples is None:
                 raise ValueError("score kind 'fisher' needs num_samples")
             scores[name] = fisher_score(grad, num_samples)
     return scores
+
+
+def _checked(kind: str, scores: Tensor, shape: torch.Size) -> Tensor:
+    if not isinstance(scores, Tensor) or scores.shape != shape:
+        raise ValueError(f"score kind {kind!r} returned {getattr(scores, 'shape', type(scores).__name__)}; it must "
+                         f"return a tensor shaped like the weight, {tuple(shape)}")
+    return scores.float()
 
 
 def excluded_matrices(scores: Mapping[str, Tensor]) -> list[str]:

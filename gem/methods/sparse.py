@@ -18,20 +18,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gem.core import budgets as B
+from gem.core.budgets import BUDGET_RULES
 from gem.core.delta import SparseDelta
-from gem.core.scores import entry_scores
+from gem.core.scores import GRADIENT_KINDS, SCORES, entry_scores
 from gem.core.selection import select_masks, top_k_flat_indices, unsorted_threshold_indices
 from gem.core.sparse_linear import inject_sparse_deltas, remove_sparse_deltas, sparse_modules
 
 from ._common import merge_options
 from .base import Method, MethodError, find_target_linears, load_checkpoint_file
 
-BUDGET_RULES = {
-    "entropy": B.entropy_guided_budgets,
-    "uniform": B.uniform_budgets,
-    "global": B.global_topk_budgets,
-}
-GRADIENT_SCORES = {"ratio", "gradient", "fisher"}
 HEAD_FILE = "head.safetensors"
 DELTA_DIR = "delta"
 
@@ -59,11 +54,15 @@ class SparseMask(Method):
         if not 0.0 < float(o["density"]) < 1.0:
             raise MethodError(f"{self.name}: method.density={o['density']} is impossible; it must lie in (0, 1), "
                               f"e.g. 0.001 for 0.1% of the model's parameters")
-        if o["score"] in GRADIENT_SCORES and int(o["num_grad_samples"]) < 1:
+        if o["score"] not in SCORES:
+            raise MethodError(f"{self.name}: unknown score {o['score']!r}; choose one of {sorted(SCORES)} (a new "
+                              f"score: gem.core.scores.register_score, loaded with extensions=[your.module])")
+        if o["score"] in GRADIENT_KINDS and int(o["num_grad_samples"]) < 1:
             raise MethodError(f"{self.name}: method.num_grad_samples={o['num_grad_samples']} but the "
                               f"{o['score']!r} score needs a gradient pass; set it to at least 1 (the paper uses 1000)")
         if o["budget"] not in BUDGET_RULES:
-            raise MethodError(f"{self.name}: unknown budget rule {o['budget']!r}; choose one of {sorted(BUDGET_RULES)}")
+            raise MethodError(f"{self.name}: unknown budget rule {o['budget']!r}; choose one of {sorted(BUDGET_RULES)} "
+                              f"(a new rule: gem.core.budgets.register_budget_rule, loaded with extensions=[...])")
         if o["gradient_pass_mode"] not in ("eval", "train"):
             raise MethodError(f"{self.name}: method.gradient_pass_mode={o['gradient_pass_mode']!r}; choose 'eval' "
                               f"(dropout off in the gradient pass) or 'train' (dropout on, as in a training step)")
@@ -92,7 +91,7 @@ class SparseMask(Method):
 
     @property
     def needs_gradients(self) -> bool:
-        return self.options["score"] in GRADIENT_SCORES
+        return self.options["score"] in GRADIENT_KINDS
 
     @property
     def selected(self) -> bool:
@@ -111,7 +110,12 @@ class SparseMask(Method):
         scores = entry_scores(o["score"], grads, weights, eps=float(o["eps"]), num_samples=num_samples or None,
                               generator=generator)
         budget_rule = BUDGET_RULES[o["budget"]]
-        self.budgets = budget_rule(scores, self.total_budget, int(o["min_per_matrix"]))
+        self.budgets = dict(budget_rule(scores, self.total_budget, int(o["min_per_matrix"])))
+        spent = sum(self.budgets.values())
+        if set(self.budgets) != set(scores) or spent > self.total_budget or min(self.budgets.values()) < 0:
+            raise MethodError(f"{self.name}: budget rule {o['budget']!r} gave {spent} entries over "
+                              f"{len(self.budgets)} matrices; it must give every one of the {len(scores)} eligible "
+                              f"matrices a count >= 0, summing to at most K={self.total_budget}")
         if o["threshold"] == "unsorted":
             masks = {n: unsorted_threshold_indices(s, self.budgets[n]) if self.budgets[n] else
                      top_k_flat_indices(s, 0) for n, s in scores.items()}
