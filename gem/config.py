@@ -34,9 +34,9 @@ def load_extensions(modules) -> list[str]:
         try:
             importlib.import_module(str(name))
         except ImportError as error:
-            raise ImportError(f"extensions: cannot import {name!r} ({error}); is its folder on PYTHONPATH (or "
-                              f"installed)? Run from the folder that holds it, or export PYTHONPATH=<that folder>") \
-                from error
+            raise ImportError(f"extensions: cannot import {name!r} ({error}); put its folder on PYTHONPATH "
+                              f"(export PYTHONPATH=<that folder>; `python run.py` adds only run.py's own folder) "
+                              f"or install it") from error
     return names
 
 

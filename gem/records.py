@@ -22,8 +22,19 @@ from typing import Any
 RECORD_NAME = "results.json"
 RECORD_VERSION = 1
 _PACKAGES = ("torch", "lightning", "transformers", "datasets", "peft", "hydra-core", "wandb", "torchmetrics", "safetensors")
-# Keys that may hold secrets; they never reach a record.
-_SECRET_HINTS = ("api_key", "apikey", "token", "password", "secret")
+# Keys that may hold secrets; they never reach a record. A key is secret when its name
+# contains one of _SECRET_PARTS or ends in "token" (hub_token, auth_token), except the
+# tokenizer's special tokens; `max_new_tokens` or `pad_token_id` are settings, not secrets.
+_SECRET_PARTS = ("api_key", "apikey", "password", "secret")
+_SPECIAL_TOKENS = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a config key (its last dotted part) names a credential."""
+    name = str(key).lower().lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    if any(part in name for part in _SECRET_PARTS):
+        return True
+    return name.endswith("token") and name not in _SPECIAL_TOKENS
 
 
 class RecordError(OSError):
@@ -71,8 +82,7 @@ def redact_secrets(value: Any) -> Any:
     """Drop values under keys that look like credentials, and `key=value` overrides of such
     keys inside strings, at any depth."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact_secrets(v))
-                for k, v in value.items()}
+        return {k: ("<redacted>" if is_secret_key(k) else redact_secrets(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
     if isinstance(value, str):
@@ -80,14 +90,13 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
-_SECRET_OVERRIDE = re.compile(
-    r"((?:^|(?<=[,\s]))[+~]*[\w.\-/]*(?:" + "|".join(_SECRET_HINTS) + r")[\w.\-/]*=)([^,\s]*)", re.IGNORECASE)
+_OVERRIDE = re.compile(r"((?:^|(?<=[,\s]))([+~]*[\w.\-/]+)=)([^,\s]*)")
 
 
 def redact_override_text(text: str) -> str:
     """`logger.api_key=abc` -> `logger.api_key=<redacted>` wherever it appears in `text`
     (a single override, or Hydra's comma-joined `override_dirname`)."""
-    return _SECRET_OVERRIDE.sub(r"\1<redacted>", text)
+    return _OVERRIDE.sub(lambda m: m.group(1) + "<redacted>" if is_secret_key(m.group(2)) else m.group(0), text)
 
 
 def redact_hydra_files(*folders: str | Path) -> list[Path]:

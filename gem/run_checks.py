@@ -1,13 +1,16 @@
-"""Checks made before a run writes anything: setting types, the run folder, a resume's config.
+"""Checks made before a run starts: the run folder, a resume's config, setting types.
 
-A run that fails here leaves no record and changes nothing on disk, so a mistyped rerun into
-an existing folder cannot replace a completed record with a failed one.
+`check_run_folder` runs before the run writes anything (and, for single runs, before Hydra
+saves `.hydra/`, through `gem.hydra_callbacks`): a rerun into a folder that holds a completed
+run, or a resume with other settings, changes nothing there. The setting checks run once the
+run's record exists, so a refused job of a multirun still leaves a `failed` record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,13 @@ _NUMBERS = [
     ("method.num_grad_samples", "int", None),
 ]
 
-# Settings a resumed run may change: where things are read from and written to, not what trains.
-_RESUME_MAY_CHANGE = ("ckpt_path", "overwrite", "data_dir", "num_workers", "logger", "resume_checkpoints", "paths")
+# Settings a resumed run may change: where things are read from and written to, not what trains
+# (the LR in effect is `optim.lr`; `lr_grids` also lists the other methods' grids).
+_RESUME_MAY_CHANGE = ("ckpt_path", "overwrite", "data_dir", "num_workers", "logger", "resume_checkpoints", "paths",
+                      "trainer.default_root_dir", "lr_grids")
+# What a run writes into its folder; `overwrite=true` removes the previous run's before starting.
+_RUN_OUTPUTS = ("results.json", "checkpoint", "lightning", "allocation.csv", "allocation.png",
+                "generations_dev.jsonl", "generations_test.jsonl")
 
 
 def check_setting_types(cfg: DictConfig) -> None:
@@ -76,16 +84,30 @@ def _example(key: str) -> str:
     return {"optim.lr": "1e-3", "method.density": "0.001", "optim.weight_decay": "0.0"}.get(key, "1")
 
 
-def check_run_folder(cfg: DictConfig, run_dir: Path, overwrite: bool = False) -> None:
-    """Refuse to start over a completed run, and a resume whose settings differ from the killed run's."""
+def check_not_completed(run_dir: Path, resuming: bool, overwrite: Any) -> dict | None:
+    """Refuse to start over a completed run (unless `overwrite=true`); return the folder's record."""
+    if not isinstance(overwrite, bool):
+        raise RunSetupError(f"overwrite={overwrite!r} must be true or false")
     record = _read_record(run_dir / "results.json")
-    resuming = bool(cfg.get("ckpt_path"))
     if record and record.get("status") == "completed" and not overwrite:
         if resuming:
             raise RunSetupError(f"{run_dir} holds a completed run: there is nothing to resume (its results.json "
                                 f"and checkpoint/ are kept). Drop ckpt_path to start elsewhere")
         raise RunSetupError(f"{run_dir} already holds a completed run (results.json, status completed); choose "
                             f"another hydra.run.dir, or pass overwrite=true to replace it")
+    return record
+
+
+def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to start over a completed run, and a resume whose settings differ from the killed run's.
+    With `overwrite=true` over a completed run, the previous run's outputs are removed first."""
+    resuming = bool(cfg.get("ckpt_path"))
+    overwrite = cfg.get("overwrite", False)
+    record = check_not_completed(run_dir, resuming, overwrite)
+    if overwrite and record and record.get("status") == "completed":
+        for name in _RUN_OUTPUTS:  # not a mix of the old run's checkpoint and the new run's record
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if not resuming:
         return
     requested = str(cfg.ckpt_path)
@@ -96,7 +118,9 @@ def check_run_folder(cfg: DictConfig, run_dir: Path, overwrite: bool = False) ->
     # The killed run's record sits in the checkpoint's run folder (<run dir>/lightning/last.ckpt).
     killed = record if requested == "last" else _read_record(checkpoint.parent.parent / "results.json")
     if killed and "config" in killed:
-        changed = config_changes(killed["config"], redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+        # The new config as its record will hold it (JSON: string keys), for a like-for-like comparison.
+        new = json.loads(json.dumps(redact_secrets(OmegaConf.to_container(cfg, resolve=True)), default=str))
+        changed = config_changes(killed["config"], new)
         if changed:
             shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:6])
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -106,16 +130,18 @@ def check_run_folder(cfg: DictConfig, run_dir: Path, overwrite: bool = False) ->
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two resolved configs, except what a resume may change."""
+    """Dotted keys whose values differ between two resolved configs, except what a resume may
+    change. A key the old config lacks is new in the code since the killed run started (it
+    could not have been set then), so it is not a change."""
     changes = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) | set(new), key=str):
         dotted = f"{prefix}{key}"
-        if dotted in _RESUME_MAY_CHANGE:
+        if dotted in _RESUME_MAY_CHANGE or key not in old:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, dotted + ".")
-        elif a != b:
+        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
             changes.append((dotted, a, b))
     return changes
 

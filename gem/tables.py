@@ -745,7 +745,7 @@ def check_selection(records: Sequence[dict], *, group_by: Sequence[str] = (), sw
         for key in keys:
             full = KEY_ALIASES.get(key, key)
             if all(lookup(r, full) is None for r in done):
-                return (f"{option} {key}: no completed record has this key. Keys are dotted paths into "
+                return (f"{option} {key}: no completed record has a value for this key. Keys are dotted paths into "
                         f"results.json, e.g. config.optim.lr, config.lr_index, config.method.density")
     for option, field, wanted in (("--tasks", "task", tasks), ("--methods", "method", methods),
                                   ("--models", "model", models)):

@@ -133,18 +133,19 @@ def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
     _redact_hydra_output()
-    # Before anything is written: a refused run leaves an existing record as it was.
-    check_setting_types(cfg)
-    check_accelerator(cfg)
-    load_extensions(cfg.get("extensions"))  # before the method is built: it may name their rules
-    check_run_folder(cfg, run_dir, overwrite=bool(cfg.get("overwrite", False)))
+    # Before anything is written: a completed run's folder, or a killed run's record when the
+    # resume's settings differ, stays as it was.
+    check_run_folder(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,
-                       seed=int(cfg.seed), config=OmegaConf.to_container(cfg, resolve=True))
+                       seed=cfg.get("seed"), config=OmegaConf.to_container(cfg, resolve=True))
     record.data["overrides"] = _command_overrides()
     record.write()
     started = time.perf_counter()
     try:
+        load_extensions(cfg.get("extensions"))  # first: a registered resolver or rule may be used below
+        check_setting_types(cfg)  # before anything loads, so `optim.lr=abc` fails at once, naming the key
+        check_accelerator(cfg)
         summary = _run(cfg, run_dir, record)
     except BaseException as error:  # record why, then let Hydra/the caller see the error
         record.data["traceback"] = traceback.format_exc(limit=20)

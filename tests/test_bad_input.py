@@ -301,25 +301,43 @@ def test_mistyped_settings_fail_before_anything_loads(override, pattern, tmp_pat
     from gem.run_checks import RunSetupError
 
     monkeypatch.setattr(gem.train, "load_task", lambda *a, **k: pytest.fail("data loaded before the check"))
-    with pytest.raises(RunSetupError, match=pattern):
-        run_in_process(tiny(data_dir, "method=gem", override), tmp_path / "run")
-    assert not (tmp_path / "run" / "results.json").exists()
+    # a failed record, so a refused job of a multirun is still counted in the table's footer
+    fails_in_process(tiny(data_dir, "method=gem", override), tmp_path / "run", RunSetupError, pattern)
 
 
 def test_a_completed_run_folder_is_never_overwritten_by_mistake(tmp_path, data_dir):
     from gem.run_checks import RunSetupError
 
     out = tmp_path / "run"
-    first = run_in_process(tiny(data_dir, "method=bitfit"), out)
+    first = run_in_process(tiny(data_dir, "method=bitfit", "save_checkpoint=true"), out)
     before = (out / "results.json").read_bytes()
     assert first["status"] == "completed" and first["overrides"] is None  # in-process: no Hydra command line
     for again, pattern in [([], r"already holds a completed run.*another hydra\.run\.dir.*overwrite=true"),
                            (["ckpt_path=last"], r"holds a completed run: there is nothing to resume"),
-                           (["optim.lr=abc"], r"optim\.lr='abc'")]:
+                           (["optim.lr=abc"], r"already holds a completed run")]:
         with pytest.raises(RunSetupError, match=pattern):
             run_in_process(tiny(data_dir, "method=bitfit", *again), out)
         assert (out / "results.json").read_bytes() == before
-    assert run_in_process(tiny(data_dir, "method=bitfit", "overwrite=true"), out)["status"] == "completed"
+    with pytest.raises(RunSetupError, match=r"overwrite='no' must be true or false"):
+        run_in_process(tiny(data_dir, "method=bitfit", "overwrite=no"), out)
+    assert (out / "results.json").read_bytes() == before
+    # overwrite=true replaces the run, and the old checkpoint does not outlive its record
+    assert (out / "checkpoint").is_dir()
+    again = run_in_process(tiny(data_dir, "method=gem", "method.num_grad_samples=8", "overwrite=true"), out)
+    assert again["status"] == "completed" and again["method"] == "gem" and not (out / "checkpoint").exists()
+
+
+def test_a_rerun_into_a_completed_folder_leaves_hydras_files_alone(tmp_path, data_dir):
+    # Hydra saves .hydra/ before the job starts; the check runs in a Hydra callback before that.
+    out = tmp_path / "run"
+    first = run_cli([*tiny(data_dir, "method=bitfit"), f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+    record = (out / "results.json").read_bytes()
+    again = run_cli([*tiny(data_dir, "method=gem"), f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert again.returncode != 0 and "already holds a completed run" in again.stderr
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == saved
+    assert (out / "results.json").read_bytes() == record
 
 
 def test_a_resume_with_other_settings_is_refused(tmp_path, data_dir):
@@ -368,3 +386,17 @@ def test_a_gpu_trainer_without_a_gpu_says_which_trainer_to_use(tmp_path, data_di
         run_in_process([o for o in tiny(data_dir, "method=bitfit") if not o.startswith("trainer.accelerator")]
                        + ["trainer=gpu"], tmp_path / "run")
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_resume_across_new_config_keys_and_other_folders(tmp_path, data_dir):
+    # Keys added to the code since the killed run started are not "changed settings", and an
+    # explicit checkpoint path may resume into another folder (trainer.default_root_dir differs).
+    from gem.run_checks import config_changes
+
+    old = {"optim": {"lr": 0.001}, "task": {"label_map": {"0": "a"}, "x": float("nan")}, "lr_grids": {"lora": [1]},
+           "trainer": {"default_root_dir": "/a"}}
+    new = {"optim": {"lr": 0.001}, "task": {"label_map": {0: "a"}, "x": float("nan")}, "lr_grids": {"lora": [2]},
+           "trainer": {"default_root_dir": "/b"}, "extensions": [], "method": {"gradient_pass_mode": "eval"}}
+    new = __import__("json").loads(__import__("json").dumps(new))  # as the check compares: JSON keys
+    assert config_changes(old, new) == []
+    assert config_changes(old, {**new, "optim": {"lr": 0.5}}) == [("optim.lr", 0.001, 0.5)]

@@ -57,3 +57,4 @@ def test_targets_follow_the_layer_order_past_ten_layers():
     method.prepare(BertForSequenceClassification(config), ["classifier.weight", "classifier.bias"])
     layers = [int(name.split(".")[3]) for name in method.targets]
     assert layers == sorted(layers) and layers[:4] == [0, 0, 1, 1] and len(layers) == 24
+    assert method.targets[:2] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]

@@ -103,4 +103,5 @@ def test_an_extension_that_cannot_be_imported_is_a_clear_error(tmp_path, data_di
     with pytest.raises(ImportError, match=r"extensions: cannot import 'no_such_rules'.*PYTHONPATH"):
         run_in_process([*TINY_RUN, f"data_dir={data_dir}", "extensions=[no_such_rules]", "method=gem"],
                        tmp_path / "run")
-    assert not (tmp_path / "run" / "results.json").exists()
+    record = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and "no_such_rules" in record["error"]

@@ -141,3 +141,14 @@ def test_multirun_keeps_secrets_out_of_the_sweep_files(tmp_path, data_dir):
     assert any(p.name == "multirun.yaml" for p in files) and any(p.name == "results.json" for p in files)
     leaking = [str(p.relative_to(sweep)) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaking
+
+
+def test_settings_named_like_tokens_are_not_secrets():
+    from gem.records import redact_override_text, redact_secrets
+
+    assert redact_override_text("task.generation.max_new_tokens=50") == "task.generation.max_new_tokens=50"
+    assert redact_override_text("a=1,hf_token=xyz,model.pad_token_id=0") == "a=1,hf_token=<redacted>,model.pad_token_id=0"
+    assert redact_secrets({"generation": {"max_new_tokens": 50}, "pad_token_id": 0, "eos_token": "</s>",
+                           "auth_token": "x", "wandb": {"apikey": "y"}}) == \
+        {"generation": {"max_new_tokens": 50}, "pad_token_id": 0, "eos_token": "</s>", "auth_token": "<redacted>",
+         "wandb": {"apikey": "<redacted>"}}

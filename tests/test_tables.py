@@ -420,8 +420,8 @@ def test_cells_pooling_different_settings_are_flagged(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--sweep-key", "config.lr_indx"], "--sweep-key config.lr_indx: no completed record has this key"),
-    (["--group-by", "config.method.densty"], "--group-by config.method.densty: no completed record has this key"),
+    (["--sweep-key", "config.lr_indx"], "--sweep-key config.lr_indx: no completed record has a value for this key"),
+    (["--group-by", "config.method.densty"], "--group-by config.method.densty: no completed record has a value for this key"),
     (["--tasks", "rte,sts"], "--tasks: no completed run of sts; the records hold"),
     (["--methods", "gem,LoRA"], "--methods: no completed run of LoRA; the records hold"),
 ])

@@ -179,6 +179,9 @@ class CausalLMModule(BestEpochModule):
         self.generation = {**GENERATION_DEFAULTS, **(generation or {})}
         if isinstance(self.generation["stop"], str):
             self.generation["stop"] = [self.generation["stop"]]
+        if self.generation["answer"] not in ("marker", "last_number"):  # checked now, not after an epoch
+            raise ValueError(f"task.generation.answer={self.generation['answer']!r}; choose 'marker' (the number "
+                             f"after ####, the spec) or 'last_number'")
         self.generative = task_kind == "generation"
         if self.generative:
             if tokenizer is None:

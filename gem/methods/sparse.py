@@ -10,6 +10,7 @@ class holds the glue between the pure math in `gem.core` and the model.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +29,11 @@ from ._common import merge_options
 from .base import Method, MethodError, find_target_linears, load_checkpoint_file
 
 HEAD_FILE = "head.safetensors"
+
+
+def natural_key(name: str) -> list:
+    """`layers.10.q` sorts after `layers.2.q`: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 DELTA_DIR = "delta"
 
 
@@ -77,9 +83,9 @@ class SparseMask(Method):
 
     # --- preparing: freeze everything but the head; the mask comes later --------------------
     def prepare(self, model: nn.Module, head_parameter_names: Iterable[str] = ()) -> nn.Module:
-        # Module order (layer 0, 1, ..., 10, 11), not string order (which puts layer 10 before 2):
-        # the allocation tables and figures read bottom to top.
-        self.targets = list(find_target_linears(model, self.target_modules))
+        # Natural order (layer 2 before layer 10; within a layer by name, as string order was):
+        # allocation tables and figures read bottom to top, and random masks draw in this order.
+        self.targets = sorted(find_target_linears(model, self.target_modules), key=natural_key)
         self.num_model_parameters = sum(p.numel() for p in model.parameters())
         eligible = sum(model.get_submodule(n).weight.numel() for n in self.targets)
         # Fail now, not after the gradient pass, when the density cannot be honoured.
