@@ -430,6 +430,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     differing: list[str] = []
     selections: list[str] = []
     unshared: list[str] = []
+    at_edge: list[str] = []
     for row_key in ordered:
         model, method, group = row_key
         row = Row(model, method, group, row_info[row_key],
@@ -460,6 +461,10 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
                 best_setting, entries = max(sorted(settings.items(), key=lambda kv: tuple(
                     _value_sort_key(_number_or_text(v)) for v in kv[0])), key=score)
                 selected = dict(zip(sweep_keys, best_setting))
+                edge = _grid_edge(list(settings), best_setting)
+                if edge:
+                    at_edge.append(f"{label}/{task} ({sweep_keys[0]}={best_setting[0]}, the {edge} of "
+                                   f"{len(settings)})")
                 devs = [e.dev for e in entries if e.dev is not None]
                 dev_mean = _mean(devs) if devs else None
                 chosen_settings.append(f"{task}={','.join(best_setting)}")
@@ -503,6 +508,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     if selections:
         notes.append(f"selected on dev ({', '.join(sweep_keys)}) per (model, task, method):")
         notes.extend(f"  {line}" for line in selections)
+    if at_edge:
+        notes.append(f"note: {len(at_edge)} cell(s) chose the largest or smallest of the swept values, so the "
+                     f"best setting may lie beyond the grid: {', '.join(at_edge)}")
     if unshared:
         notes.append(f"warning: {len(unshared)} cell(s) have settings that share no seed, compared on all their "
                      f"seeds: {', '.join(unshared)}")
@@ -520,6 +528,16 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     return Table(rows=rows, tasks=shown_tasks, metric=metric, main_metrics=used, group_by=group_by,
                  select_by=select_by, sweep_keys=sweep_keys, best=best, notes=notes, digits=digits,
                  left_out={k: sorted(v) for k, v in sorted(left_out.items())})
+
+
+def _grid_edge(settings: list[tuple], chosen: tuple) -> str | None:
+    """"largest"/"smallest" when a one-key numeric sweep of three or more values chose an end of
+    it (with two values every choice is an end, which says nothing)."""
+    values = [_number_or_text(s[0]) for s in settings if len(s) == 1]
+    if len(values) < 3 or len(values) != len(settings) or not all(isinstance(v, float) for v in values):
+        return None
+    value = _number_or_text(chosen[0])
+    return "largest" if value == max(values) else "smallest" if value == min(values) else None
 
 
 def _number_or_text(text: str) -> Any:

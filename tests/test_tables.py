@@ -447,3 +447,16 @@ def test_wandb_without_login_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert "--wandb-project ent/gem: wandb could not list the runs (RuntimeError: api_key not configured" in err
     assert "wandb login" in err
+
+
+def test_a_dev_choice_at_the_end_of_the_grid_is_noted(tmp_path):
+    # three LRs: the largest wins on dev for gem (the search may have stopped short), the middle for lora
+    for lr, dev in [(1e-4, 0.5), (1e-3, 0.6), (1e-2, 0.7)]:
+        write_record(tmp_path, method="gem", lr=lr, dev=dev, name=f"gem_{lr}")
+        write_record(tmp_path, method="lora", lr=lr, dev=0.8 - abs(dev - 0.6), name=f"lora_{lr}")
+    for lr, dev in [(1e-4, 0.5), (1e-3, 0.6)]:  # two LRs: every choice is an end; nothing to say
+        write_record(tmp_path, method="bitfit", lr=lr, dev=dev, name=f"bitfit_{lr}")
+    notes = build_table(load_records([tmp_path]), select_by="dev").notes
+    edge = [n for n in notes if n.startswith("note:")]
+    assert edge == ["note: 1 cell(s) chose the largest or smallest of the swept values, so the best setting may "
+                    "lie beyond the grid: tiny-bert/gem/rte (config.optim.lr=0.01, the largest of 3)"]
