@@ -43,7 +43,6 @@ def load_trained(run_dir: str | Path):
     num_labels = 1 if kind == "regression" else max(2, len(cfg.task.get("label_names") or []))
     loaded = load_model(cfg.model, kind, num_labels)
     targets = cfg.method.get("target_modules") or cfg.model.target_modules
-    targets = [targets] if isinstance(targets, str) else list(targets)
     method = build_method(cfg.method.name, targets, **method_options(cfg.method))
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     method.load(model, checkpoint)

@@ -111,7 +111,7 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     if not resuming:
         return
     requested = str(cfg.ckpt_path)
-    checkpoint = run_dir / "lightning" / "last.ckpt" if requested == "last" else Path(requested)
+    checkpoint = requested_checkpoint(requested, run_dir)
     if not checkpoint.is_file():
         raise RunSetupError(f"ckpt_path={requested}: no checkpoint at {checkpoint}. Resume with the killed run's "
                             f"folder (hydra.run.dir=<its run dir>) and resume_checkpoints.save_last=true")
@@ -127,6 +127,11 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
             raise RunSetupError(f"ckpt_path={requested}: the resumed run's settings differ from the killed run's "
                                 f"({shown}{more}). A resume must repeat the killed run's command; to train "
                                 f"with other settings start a new run folder")
+
+
+def requested_checkpoint(requested: str, run_dir: Path) -> Path:
+    """`ckpt_path=last` is the run folder's own resume checkpoint; anything else is a path."""
+    return run_dir / "lightning" / "last.ckpt" if requested == "last" else Path(requested)
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -28,7 +28,7 @@ from gem.lit.resume import ResumeCheckpoint
 from gem.methods import build_method
 from gem.models import load_model
 from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
-from gem.run_checks import check_accelerator, check_run_folder, check_setting_types
+from gem.run_checks import check_accelerator, check_run_folder, check_setting_types, requested_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str
     requested = cfg.get("ckpt_path")
     if not requested:
         return None
-    path = run_dir / "lightning" / "last.ckpt" if str(requested) == "last" else Path(requested)  # checked to exist
+    path = requested_checkpoint(str(requested), run_dir)  # checked to exist
     record.update(resumed_from=str(path))
     return str(path)
 
@@ -198,8 +198,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
+        # Method.__init__ takes a list or one name as a string
         target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
-        target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
         model = method.prepare(loaded.model, loaded.head_parameter_names)
     requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
