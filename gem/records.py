@@ -29,6 +29,15 @@ _SECRET_PARTS = ("api_key", "apikey", "password", "secret")
 _SPECIAL_TOKENS = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
 
 
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e-?\d+)?)")
+
+
+def path_sort_key(path: str) -> list:
+    """Run folders in numeric order: multirun job `10` after `2`, `s10` after `s2`, `d0.01` after
+    `d0.005`, `lr1e-4` after `lr5e-5`: numbers (decimals and exponents included) compare as numbers."""
+    return [float(part) if i % 2 else part for i, part in enumerate(_NUMBER.split(path))]
+
+
 def is_secret_key(key: Any) -> bool:
     """Whether a config key (its last dotted part) names a credential."""
     name = str(key).lower().lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from gem.records import find_records, read_record
+from gem.records import find_records, path_sort_key, read_record
 
 METHOD_ORDER = ("full", "lora", "adapter", "bitfit", "gem")
 METHOD_LABELS = {"full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "gem": "GEM"}
@@ -91,7 +91,7 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
                 record = {"status": "unreadable", "error": f"{type(error).__name__}: {error}"}
             record["_path"] = str(path)
             records.append(record)
-    return sorted(records, key=lambda r: r["_path"])
+    return sorted(records, key=lambda r: path_sort_key(r["_path"]))
 
 
 def load_wandb_records(project: str, filters: dict | None = None, api: Any = None) -> list[dict]:
@@ -104,7 +104,7 @@ def load_wandb_records(project: str, filters: dict | None = None, api: Any = Non
 
         api = wandb.Api()
     runs = api.runs(project, filters=filters or {})
-    return sorted((wandb_run_to_record(run, project) for run in runs), key=lambda r: r["_path"])
+    return sorted((wandb_run_to_record(run, project) for run in runs), key=lambda r: path_sort_key(r["_path"]))
 
 
 _RUN_NAME = re.compile(r"^(?P<task>[^-]+)-(?P<method>[^-]+)-(?P<model>.+)-s(?P<seed>\d+)$")
@@ -238,7 +238,7 @@ def records_to_frame(records: Sequence[dict], drop: Sequence[str] = ("history", 
     import pandas as pd
 
     rows = []
-    for record in sorted(records, key=lambda r: str(r.get("_path", ""))):
+    for record in sorted(records, key=lambda r: path_sort_key(str(r.get("_path", "")))):
         flat = flatten({k: v for k, v in record.items() if k not in drop})
         main = _main_metric(record)
         flat["main_value"] = (record.get("metrics") or {}).get(main) if main else None
@@ -393,7 +393,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     tuned: dict[tuple, list[float]] = defaultdict(list)
     main_metrics: dict[str, set[str]] = defaultdict(set)
 
-    for record in sorted(records, key=lambda r: str(r.get("_path", ""))):
+    for record in sorted(records, key=lambda r: path_sort_key(str(r.get("_path", "")))):
         path = str(record.get("_path", "?"))
         status = str(record.get("status", "unknown"))
         if status != "completed":
@@ -500,7 +500,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     notes: list[str] = []
     if left_out:
         counts = ", ".join(f"{len(left_out[s])} {s}" for s in sorted(left_out))
-        paths = ", ".join(sorted(p for ps in left_out.values() for p in ps))
+        paths = ", ".join(sorted((p for ps in left_out.values() for p in ps), key=path_sort_key))
         notes.append(f"left out: {counts}: {paths}")
     if missing_metric:
         what = metric or "its task's main metric"

@@ -54,3 +54,12 @@ def test_the_records_own_overrides_win_over_hydras_file(tmp_path):
     (run / "results.json").write_text(json.dumps({**record, "overrides": ["task=cb", "method=gem", "seed=2"]}))
     (loaded,) = load_records([tmp_path])
     assert run_command(loaded) == f"python run.py task=cb method=gem seed=2 hydra.run.dir={tmp_path / 'a'}"
+
+
+def test_multirun_job_folders_come_in_job_order(tmp_path):
+    # Hydra numbers multirun jobs 0, 1, ..., 10, 11: as text "10" sorts before "2".
+    for job in (0, 2, 10, 1):
+        write_run(tmp_path, str(job), [f"seed={job}"])
+    text = manifest_markdown(load_records([tmp_path]))
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert rows == [f"| {tmp_path / str(job)}" for job in (0, 1, 2, 10)]
