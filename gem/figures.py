@@ -4,7 +4,8 @@
     python -m gem.figures density results/ --output density.png     # score against density, per task
 
 `budgets`: for each completed GEM run, the per-matrix budgets (`gem.budgets` of the record,
-else the run's `allocation.csv`), averaged over seeds, drawn as one line per task against
+else the run's `allocation.csv`), averaged over seeds (a seed's selection counts once, whatever
+the LR), drawn as one line per task against
 the layer index, one panel per projection (q, v, ...) and one panel row per model.
 
 `density`: runs that differ in `config.method.density`, grouped like the table
@@ -25,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from gem.records import path_sort_key
 from gem.tables import (DEFAULT_SWEEP_KEYS, METHOD_LABELS, TASK_LABELS, build_table, load_records, lookup,
                         method_sort_key, task_sort_key)
 
@@ -78,31 +80,48 @@ def record_budgets(record: dict) -> dict[str, float]:
     return {}
 
 
-def budget_rows(records: Sequence[dict], method: str | None = "gem") -> list[dict]:
-    """Per (model, task, kind, layer): the budget averaged over the completed runs (seeds).
+def budget_rows(records: Sequence[dict], method: str | None = "gem", density: float | None = None) -> list[dict]:
+    """Per (model, task, kind, layer): the budget averaged over the distinct selections (seeds).
 
-    Matrices of the same kind in the same layer (rare) are summed before averaging over runs.
+    A selection does not depend on the learning rate, so runs of one seed at several LRs (an LR
+    search) hold the same budgets: such duplicates count once (`runs` = distinct selections).
+    Matrices of the same kind in the same layer (rare) are summed before averaging. Budgets of
+    different densities are never averaged together: pass `density` to draw one of them; without
+    it, a (model, task) with runs at several densities is an error naming them.
     """
     per_run: dict[tuple, dict[tuple, float]] = {}
-    for record in sorted(records, key=lambda r: str(r.get("_path", ""))):
+    densities: dict[tuple, set] = defaultdict(set)
+    for record in sorted(records, key=lambda r: path_sort_key(str(r.get("_path", "")))):
         if record.get("status") != "completed" or (method and record.get("method") != method):
             continue
         budgets = record_budgets(record)
         if not budgets:
             continue
-        run_key = (str(record.get("model")), str(record.get("task")), str(record.get("_path")))
+        if density is not None and not _same_number(lookup(record, DENSITY_KEY), density):
+            continue
+        model, task = str(record.get("model")), str(record.get("task"))
+        densities[(model, task)].add(lookup(record, DENSITY_KEY))
+        run_key = (model, task, str(record.get("seed")), tuple(sorted(budgets.items())))
         sums: dict[tuple, float] = defaultdict(float)
         for name, budget in budgets.items():
             layer, kind = matrix_layer_kind(name)
             sums[(kind, -1 if layer is None else layer)] += budget
-        per_run[run_key] = sums
+        per_run.setdefault(run_key, sums)
+    mixed = {f"{m}/{t}": sorted(map(str, d)) for (m, t), d in densities.items() if len(d) > 1}
+    if mixed:
+        raise ValueError(f"budgets of different densities would be averaged together ({mixed}); "
+                         "choose one (`--density D`, `density=D`) or give only one density's run folders")
     grouped: dict[tuple, list[float]] = defaultdict(list)
-    for (model, task, _), sums in per_run.items():
+    for (model, task, _, _), sums in per_run.items():
         for (kind, layer), budget in sums.items():
             grouped[(model, task, kind, layer)].append(budget)
     return [{"model": m, "task": t, "kind": k, "layer": layer, "budget": math.fsum(v) / len(v), "runs": len(v)}
             for (m, t, k, layer), v in sorted(grouped.items(), key=lambda kv: (
                 kv[0][0], task_sort_key(kv[0][1]), _kind_key(kv[0][2]), kv[0][3]))]
+
+
+def _same_number(value, target: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isclose(value, target)
 
 
 def density_points(records: Sequence[dict], *, metric: str | None = None, select_by: str | None = None,
@@ -144,9 +163,9 @@ def _empty(message: str):
 
 
 def plot_budgets(records: Sequence[dict], *, method: str | None = "gem", tasks: Sequence[str] | None = None,
-                 normalize: bool = False):
+                 normalize: bool = False, density: float | None = None):
     """Per-layer budgets per task: panels = projections (q, v, ...) × models, lines = tasks."""
-    rows = [r for r in budget_rows(records, method) if not tasks or r["task"] in tasks]
+    rows = budget_rows([r for r in records if not tasks or r.get("task") in tasks], method, density)
     if not rows:
         return _empty(f"no completed {method or 'sparse'} runs with budgets")
     if normalize:
@@ -256,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = sub.add_parser("budgets", help="per-layer q/v budgets of GEM runs across tasks")
     budgets.add_argument("--method", default="gem", help="the sparse method whose budgets to draw (default gem)")
     budgets.add_argument("--normalize", action="store_true", help="budgets as %% of each task's total")
+    budgets.add_argument("--density", type=float, help="only runs at this config.method.density (needed when "
+                                                        "the folders hold several)")
     density = sub.add_parser("density", help="score against config.method.density, per task")
     density.add_argument("--metric", help="metric key (default: each task's main test metric)")
     density.add_argument("--select-by", choices=["dev"], help="choose the sweep setting (LR) per point on dev")
@@ -276,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     if args.figure == "budgets":
-        fig = plot_budgets(records, method=args.method, tasks=split(args.tasks), normalize=args.normalize)
+        try:
+            fig = plot_budgets(records, method=args.method, tasks=split(args.tasks), normalize=args.normalize,
+                               density=args.density)
+        except ValueError as error:
+            parser.error(str(error))
     else:
         keys = [k for v in args.sweep_key or [] for k in v.split(",") if k] or DEFAULT_SWEEP_KEYS
         fig = plot_density(records, metric=args.metric, select_by=args.select_by, sweep_keys=keys,

@@ -460,3 +460,25 @@ def test_a_dev_choice_at_the_end_of_the_grid_is_noted(tmp_path):
     edge = [n for n in notes if n.startswith("note:")]
     assert edge == ["note: 1 cell(s) chose the largest or smallest of the swept values, so the best setting may "
                     "lie beyond the grid: tiny-bert/gem/rte (config.optim.lr=0.01, the largest of 3)"]
+
+
+def test_budget_rows_count_a_seeds_selection_once_and_never_mix_densities(tmp_path):
+    from gem import figures
+
+    # an LR search: seed 1 at two LRs holds one selection; seed 2 another
+    for name, seed, scale in (("lr0_s1", 1, 1), ("lr1_s1", 1, 1), ("lr0_s2", 2, 3)):
+        path = write_record(tmp_path / name, method="gem", task="rte", seed=seed)
+        record = json.loads(path.read_text())
+        record["gem"]["budgets"] = {k: v * scale for k, v in record["gem"]["budgets"].items()}
+        path.write_text(json.dumps(record))
+    rows = figures.budget_rows(load_records([tmp_path]))
+    first = next(r for r in rows if r["kind"] == "q" and r["layer"] == 0)
+    assert first["runs"] == 2 and first["budget"] == pytest.approx((100 + 300) / 2)
+    write_record(tmp_path / "dense", method="gem", task="rte", seed=3, density=0.01)
+    with pytest.raises(ValueError, match="different densities"):
+        figures.budget_rows(load_records([tmp_path]))
+    assert figures.budget_rows(load_records([tmp_path]), method="full") == []
+    assert {r["runs"] for r in figures.budget_rows(load_records([tmp_path]), density=0.01)} == {1}
+    assert figures.main(["budgets", str(tmp_path), "--density", "0.001", "--output", str(tmp_path / "b.png")]) == 0
+    with pytest.raises(SystemExit):
+        figures.main(["budgets", str(tmp_path), "--output", str(tmp_path / "b.png")])
