@@ -682,9 +682,18 @@ def _render_overrides(table: Table) -> str:
                  *(f"{hydra_key(k)}={v}" for k, v in zip(table.group_by, row.group))]
         for task in table.tasks:
             cell = row.cells.get(task)
-            if cell is not None and cell.selected:
-                chosen = [f"{hydra_key(k)}={v}" for k, v in cell.selected.items()]
-                lines.append(" ".join([fixed[0], f"task={task}", *fixed[1:], *chosen]))
+            if cell is None or not cell.selected:
+                continue
+            unset = [k for k, v in cell.selected.items() if v is None or v == "none"]
+            if unset:
+                # `lr_index=none` would fail in the next stage: say which cell and why, on stderr
+                # (stdout stays one runnable line per cell for `while read`)
+                print(f"skipped {row.model}/{task}/{row.method}: its chosen runs do not record "
+                      f"{', '.join(unset)}; choose by a key every run records (e.g. --sweep-key config.optim.lr)",
+                      file=sys.stderr)
+                continue
+            chosen = [f"{hydra_key(k)}={v}" for k, v in cell.selected.items()]
+            lines.append(" ".join([fixed[0], f"task={task}", *fixed[1:], *chosen]))
     return "".join(f"{line}\n" for line in lines)
 
 

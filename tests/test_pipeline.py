@@ -13,6 +13,8 @@ import time
 from itertools import product
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
 from conftest import TINY_RUN, cli_env, compose, offline_env, run_cli, run_in_process
 
@@ -142,3 +144,34 @@ def test_offline_without_data_dir_is_a_fast_data_error(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 15
     record = json.loads((out / "results.json").read_text())
     assert record["status"] == "failed" and "data_dir" in record["error"]
+
+
+# --------------------------------------------------------------------------- evaluation order
+class TestPredictions(Callback):
+    """Each test example's prediction, keyed by its unpadded tokens (batches hold no example ids)."""
+
+    def __init__(self):
+        self.predictions: list[tuple] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        with torch.no_grad():
+            predicted = pl_module(batch).logits.argmax(-1)
+        for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], predicted):
+            self.predictions.append((tuple(ids[mask.bool()].tolist()), int(label)))
+
+
+def test_eval_order_does_not_change_predictions_or_metrics(tmp_path, data_dir):
+    # Longest-first batches pad differently and come in another order; every example's
+    # prediction, and so every metric, must stay the same. (Decoders: tests/test_decoder.py.)
+    # MiniLM with its random head kept (LR ~ 0) predicts both classes; the tiny random model
+    # predicts one class for all, which would hide a prediction that moved to another example
+    common = [*TINY_RUN, "method=bitfit", "task=rte", "model=minilm", "optim.lr=1e-9", f"data_dir={data_dir}", "eval_batch_size=5"]
+    probes = {order: TestPredictions() for order in ("dataset", "length")}
+    runs = {order: run_in_process([*common, f"eval_order={order}"], tmp_path / order, extra_callbacks=[probes[order]])
+            for order in probes}
+    for key in ("dev/acc", "test/acc"):
+        assert runs["length"]["metrics"][key] == runs["dataset"]["metrics"][key]
+    dataset, length = probes["dataset"].predictions, probes["length"].predictions
+    assert len(dataset) == 16 and length != dataset                 # same examples, another order
+    assert sorted(length) == sorted(dataset)
+    assert len({label for _, label in dataset}) > 1                 # not a constant predictor

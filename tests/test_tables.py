@@ -215,6 +215,20 @@ def test_overrides_format_lists_each_cells_chosen_setting(tmp_path, capsys):
     assert "add --select-by dev" in capsys.readouterr().err
 
 
+def test_overrides_format_skips_a_cell_whose_chosen_runs_lack_the_key(tmp_path, capsys):
+    # e.g. a calibration run made without the preset has no lr_index: `lr_index=none` would be
+    # printed as a runnable line and fail in the next stage
+    for lr_index, dev in ((0, 0.6), (1, 0.7)):
+        path = write_record(tmp_path, method="full", lr=[2e-5, 5e-5][lr_index], dev=dev)
+        record = json.loads(path.read_text())
+        record["config"]["lr_index"] = lr_index
+        path.write_text(json.dumps(record))
+    write_record(tmp_path, method="gem", dev=0.9)                  # no config.lr_index
+    table = build_table(load_records([tmp_path]), select_by="dev", sweep_keys=["config.lr_index"])
+    assert render(table, "overrides") == "model=tiny-bert task=rte method=full lr_index=1\n"
+    assert "skipped tiny-bert/rte/gem: its chosen runs do not record config.lr_index" in capsys.readouterr().err
+
+
 def test_metric_override_and_missing_metric_footer(tmp_path):
     write_record(tmp_path, method="gem", task="rte", dev=0.8, test=0.6)
     write_record(tmp_path, method="gem", task="cola", dev=0.3, test=0.2)
