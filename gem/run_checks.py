@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,35 +99,59 @@ def check_not_completed(run_dir: Path, resuming: bool, overwrite: Any) -> dict |
     return record
 
 
-def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+def check_run_folder(cfg: DictConfig, run_dir: Path) -> bool:
     """Refuse to start over a completed run, and a resume whose settings differ from the killed run's.
-    With `overwrite=true` over a completed run, the previous run's outputs are removed first."""
+    Returns whether `overwrite=true` will replace a completed run: the caller removes its outputs
+    (`remove_run_outputs`) only once the new run's settings have passed every check."""
     resuming = bool(cfg.get("ckpt_path"))
     overwrite = cfg.get("overwrite", False)
     record = check_not_completed(run_dir, resuming, overwrite)
-    if overwrite and record and record.get("status") == "completed":
-        for name in _RUN_OUTPUTS:  # not a mix of the old run's checkpoint and the new run's record
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    replacing = bool(overwrite and record and record.get("status") == "completed")
     if not resuming:
-        return
+        return replacing
     requested = str(cfg.ckpt_path)
     checkpoint = requested_checkpoint(requested, run_dir)
     if not checkpoint.is_file():
         raise RunSetupError(f"ckpt_path={requested}: no checkpoint at {checkpoint}. Resume with the killed run's "
                             f"folder (hydra.run.dir=<its run dir>) and resume_checkpoints.save_last=true")
+    if not zipfile.is_zipfile(checkpoint):  # torch.save's format; caught before data and model load
+        raise RunSetupError(f"ckpt_path={requested}: {checkpoint} is not a training checkpoint (a torch.save "
+                            f"file such as <run dir>/lightning/last.ckpt); ckpt_path=last resumes the run folder's own")
     # The killed run's record sits in the checkpoint's run folder (<run dir>/lightning/last.ckpt).
     killed = record if requested == "last" else _read_record(checkpoint.parent.parent / "results.json")
     if killed and "config" in killed:
         # The new config as its record will hold it (JSON: string keys), for a like-for-like comparison.
         new = json.loads(json.dumps(redact_secrets(OmegaConf.to_container(cfg, resolve=True)), default=str))
-        changed = config_changes(killed["config"], new)
+        # what trains first: a different method, task or model is the change a reader must see
+        changed = sorted(config_changes(killed["config"], new), key=lambda c: c[0] not in _IDENTITY_KEYS)
         if changed:
             shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:6])
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             raise RunSetupError(f"ckpt_path={requested}: the resumed run's settings differ from the killed run's "
                                 f"({shown}{more}). A resume must repeat the killed run's command; to train "
                                 f"with other settings start a new run folder")
+    return replacing
+
+
+_IDENTITY_KEYS = ("method.name", "task.name", "model.name", "seed")
+# Where the Hydra callback keeps a completed run's `.hydra/` while `overwrite=true` is checked.
+HYDRA_BACKUP = ".hydra.before_overwrite"
+
+
+def remove_run_outputs(run_dir: Path) -> None:
+    """`overwrite=true`, the new run cleared to start: remove the previous run's outputs, so the
+    folder never mixes the old run's checkpoint with the new run's record."""
+    for name in (*_RUN_OUTPUTS, HYDRA_BACKUP):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def restore_hydra_files(run_dir: Path) -> None:
+    """`overwrite=true` refused: put back the completed run's `.hydra/` that Hydra replaced."""
+    backup = run_dir / HYDRA_BACKUP
+    if backup.is_dir():
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        backup.rename(run_dir / ".hydra")
 
 
 def requested_checkpoint(requested: str, run_dir: Path) -> Path:

@@ -52,7 +52,8 @@ TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B",
 DEFAULT_SWEEP_KEYS = ("config.optim.lr",)
 # Settings that change what a number means: a cell pooling runs that differ in one of them
 # (and neither groups nor sweeps over it) gets a warning under the table.
-POOLING_CHECK_KEYS = ("config.method.density", "config.task.num_train", "config.trainer.max_epochs",
+POOLING_CHECK_KEYS = ("config.method.density", "config.method.score", "config.method.budget",
+                      "config.extensions", "config.task.num_train", "config.trainer.max_epochs",
                       "config.batch_size", "config.task.max_length")
 KEY_ALIASES = {"lr": "config.optim.lr", "density": "config.method.density", "seed": "seed"}
 FORMATS = ("md", "latex", "csv", "overrides")
@@ -430,6 +431,7 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     differing: list[str] = []
     selections: list[str] = []
     unshared: list[str] = []
+    no_dev: list[str] = []
     at_edge: list[str] = []
     for row_key in ordered:
         model, method, group = row_key
@@ -460,6 +462,8 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
                 # the first best in sorted setting order wins ties: deterministic
                 best_setting, entries = max(sorted(settings.items(), key=lambda kv: tuple(
                     _value_sort_key(_number_or_text(v)) for v in kv[0])), key=score)
+                if len(settings) > 1 and score((best_setting, entries))[0] == -math.inf:
+                    no_dev.append(f"{label}/{task}")
                 selected = dict(zip(sweep_keys, best_setting))
                 edge = _grid_edge(list(settings), best_setting)
                 if edge:
@@ -511,6 +515,9 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     if at_edge:
         notes.append(f"note: {len(at_edge)} cell(s) chose the largest or smallest of the swept values, so the "
                      f"best setting may lie beyond the grid: {', '.join(at_edge)}")
+    if no_dev:
+        notes.append(f"warning: {len(no_dev)} cell(s) have no dev score to choose by (task.num_dev=0?); the "
+                     f"setting with the most runs, then the first, is shown: {', '.join(no_dev)}")
     if unshared:
         notes.append(f"warning: {len(unshared)} cell(s) have settings that share no seed, compared on all their "
                      f"seeds: {', '.join(unshared)}")

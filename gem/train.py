@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from gem.lit.resume import ResumeCheckpoint
 from gem.methods import build_method
 from gem.models import load_model
 from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
-from gem.run_checks import check_accelerator, check_run_folder, check_setting_types, requested_checkpoint
+from gem.run_checks import (check_accelerator, check_run_folder, check_setting_types, remove_run_outputs,
+                            requested_checkpoint, restore_hydra_files)
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +137,28 @@ def run(cfg: DictConfig) -> dict:
     _redact_hydra_output()
     # Before anything is written: a completed run's folder, or a killed run's record when the
     # resume's settings differ, stays as it was.
-    check_run_folder(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(run_dir, method=cfg.method.name, task=cfg.task.name, model=cfg.model.name,
-                       seed=cfg.get("seed"), config=OmegaConf.to_container(cfg, resolve=True))
-    record.data["overrides"] = _command_overrides()
-    record.write()
+    replacing = check_run_folder(cfg, run_dir)
     started = time.perf_counter()
     try:
-        load_extensions(cfg.get("extensions"))  # first: a registered resolver or rule may be used below
-        check_setting_types(cfg)  # before anything loads, so `optim.lr=abc` fails at once, naming the key
-        check_accelerator(cfg)
-        summary = _run(cfg, run_dir, record)
+        checked = _preflight(cfg)
+    except BaseException as error:
+        if replacing:  # overwrite=true, but the new run cannot start: the completed run stays whole
+            restore_hydra_files(run_dir)
+            error.add_note(f"overwrite=true refused: the completed run in {run_dir} was left as it was")
+            raise
+        # a `failed` record, so a refused job of a multirun still shows in the table's footer
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = _new_record(cfg, run_dir, _config_for_record(cfg))
+        record.data["traceback"] = traceback.format_exc(limit=20)
+        record.finish("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    if replacing:
+        remove_run_outputs(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = _new_record(cfg, run_dir, checked.config)
+    record.write()
+    try:
+        summary = _run(cfg, run_dir, record, checked)
     except BaseException as error:  # record why, then let Hydra/the caller see the error
         record.data["traceback"] = traceback.format_exc(limit=20)
         record.finish("failed", error=f"{type(error).__name__}: {error}")
@@ -160,6 +172,43 @@ def run(cfg: DictConfig) -> dict:
         if not logging.getLogger().handlers:  # under Hydra the log line already reaches the console
             print(summary)
     return record.data
+
+
+@dataclass
+class _Checked:
+    """What `_preflight` settled: the resolved config, the method (built, so its options are checked)."""
+
+    config: dict
+    method: Any
+    eval_order: str
+
+
+def _preflight(cfg: DictConfig) -> _Checked:
+    """Every check that needs no data or model, before the run writes or removes anything."""
+    load_extensions(cfg.get("extensions"))  # first: a registered resolver or rule may be used below
+    check_setting_types(cfg)  # so `optim.lr=abc` fails at once, naming the key
+    config = OmegaConf.to_container(cfg, resolve=True)  # lr_grids[method][lr_index] and the like
+    check_accelerator(cfg)
+    eval_order = check_eval_order(str(cfg.get("eval_order") or "dataset"))
+    # Method.__init__ takes a list or one name as a string
+    target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
+    method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
+    return _Checked(config=config, method=method, eval_order=eval_order)
+
+
+def _new_record(cfg: DictConfig, run_dir: Path, config: dict) -> RunRecord:
+    record = RunRecord(run_dir, method=str(cfg.method.name), task=str(cfg.task.name), model=str(cfg.model.name),
+                       seed=cfg.get("seed"), config=config)
+    record.data["overrides"] = _command_overrides()
+    return record
+
+
+def _config_for_record(cfg: DictConfig) -> dict:
+    """The config as resolved as it can be: an unresolvable value (the error's cause) stays as written."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def _command_overrides() -> list[str] | None:
@@ -191,16 +240,13 @@ def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str
     return str(path)
 
 
-def _run(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str:
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -> str:
     L.seed_everything(int(cfg.seed), workers=True)
     logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
-    eval_order = check_eval_order(str(cfg.get("eval_order") or "dataset"))
+    method, eval_order = checked.method, checked.eval_order
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
-        # Method.__init__ takes a list or one name as a string
-        target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
-        method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
         model = method.prepare(loaded.model, loaded.head_parameter_names)
     requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
         else int(cfg.task.max_length)

@@ -321,6 +321,12 @@ def test_a_completed_run_folder_is_never_overwritten_by_mistake(tmp_path, data_d
     with pytest.raises(RunSetupError, match=r"overwrite='no' must be true or false"):
         run_in_process(tiny(data_dir, "method=bitfit", "overwrite=no"), out)
     assert (out / "results.json").read_bytes() == before
+    # overwrite=true with settings that fail a check: refused before anything is removed
+    for bad, error in [("method.density=2", "MethodError"), ("optim.lr=abc", "RunSetupError")]:
+        with pytest.raises(Exception, match=r"density=2 is impossible|optim\.lr='abc'") as caught:
+            run_in_process(tiny(data_dir, "method=gem", "overwrite=true", bad), out)
+        assert type(caught.value).__name__ == error
+        assert (out / "results.json").read_bytes() == before and (out / "checkpoint").is_dir()
     # overwrite=true replaces the run, and the old checkpoint does not outlive its record
     assert (out / "checkpoint").is_dir()
     again = run_in_process(tiny(data_dir, "method=gem", "method.num_grad_samples=8", "overwrite=true"), out)
@@ -338,6 +344,26 @@ def test_a_rerun_into_a_completed_folder_leaves_hydras_files_alone(tmp_path, dat
     assert again.returncode != 0 and "already holds a completed run" in again.stderr
     assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == saved
     assert (out / "results.json").read_bytes() == record
+    # overwrite=true whose settings fail a check: Hydra rewrote .hydra/, the refusal puts it back
+    refused = run_cli([*tiny(data_dir, "method=gem"), "overwrite=true", "method.density=2", f"hydra.run.dir={out}"],
+                      cwd=tmp_path)
+    assert refused.returncode != 0 and "the completed run in" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == saved
+    assert (out / "results.json").read_bytes() == record and not (out / ".hydra.before_overwrite").exists()
+    replaced = run_cli([*tiny(data_dir, "method=full"), "overwrite=true", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert "method=full" in (out / ".hydra" / "overrides.yaml").read_text()
+    assert not (out / ".hydra.before_overwrite").exists()
+
+
+def test_an_lr_index_outside_the_grid_leaves_a_failed_record(tmp_path, data_dir):
+    # a refused multirun job must still be counted in the table's footer
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match=r"lr_index=7"):
+        run_in_process(tiny(data_dir, "experiment=cpu_minilm_table", "model=tiny-bert", "method=bitfit",
+                            "lr_index=7"), out)
+    record = json.loads((out / "results.json").read_text())
+    assert record["status"] == "failed" and "lr_index=7" in record["error"] and record["method"] == "bitfit"
 
 
 def test_a_resume_with_other_settings_is_refused(tmp_path, data_dir):
@@ -351,6 +377,11 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, data_dir):
     (out / "results.json").write_text(json.dumps({**record, "status": "running"}))
     with pytest.raises(RunSetupError, match=r"settings differ from the killed run's \(optim\.lr: 0\.001 -> 0\.5\)"):
         run_in_process([*args, "ckpt_path=last", "optim.lr=0.5"], out)
+    assert json.loads((out / "results.json").read_text())["status"] == "running"
+    with pytest.raises(RunSetupError, match=r"settings differ from the killed run's \(method\.name: 'bitfit' -> 'full'"):
+        run_in_process([*args, "ckpt_path=last", "method=full", "optim.lr=0.5"], out)
+    with pytest.raises(RunSetupError, match=r"results\.json is not a training checkpoint"):
+        run_in_process([*args, f"ckpt_path={out / 'results.json'}"], tmp_path / "elsewhere")
     assert json.loads((out / "results.json").read_text())["status"] == "running"
     # the same settings (and a moved data folder) resume
     assert run_in_process([*args, "ckpt_path=last"], out)["status"] == "completed"

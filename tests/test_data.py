@@ -298,6 +298,9 @@ def test_sampling_rules():
     assert train_dev_sizes(100, None, 10, None)[:2] == (90, 10)
     assert train_dev_sizes(100, 30, None, None)[:2] == (30, 70)
     assert train_dev_sizes(100, None, None, None)[:2] == (90, 10)
+    # a num_train far beyond the data: dev keeps min(num_dev, 10 % of the rows), not one example
+    assert train_dev_sizes(2490, 100_000, 16, None)[:2] == (2474, 16)
+    assert train_dev_sizes(2490, 100_000, 500, None)[:2] == (2241, 249)
     train, dev, note = draw_train_dev(100, 30, 20, seed=5)
     assert len(train) == 30 and len(dev) == 20 and not set(train) & set(dev) and note is None
     assert draw_test(50, None, 0) == list(range(50)) and draw_test(50, 10, 0) == draw_test(50, 10, 0)

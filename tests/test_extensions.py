@@ -105,3 +105,53 @@ def test_an_extension_that_cannot_be_imported_is_a_clear_error(tmp_path, data_di
                        tmp_path / "run")
     record = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "failed" and "no_such_rules" in record["error"]
+
+
+def test_budget_rules_and_scores_that_return_the_wrong_thing_are_named(clean_registries):
+    from gem.models.tiny import tiny_bert
+
+    loaded = tiny_bert()
+    for name, rule, pattern in [
+        ("nothing", lambda s, K, m=0: None, r"budget rule 'nothing' returned NoneType; it must return a dict"),
+        ("quarters", lambda s, K, m=0: {n: K / 4.5 for n in s}, r"budget rule 'quarters' gave .* whole numbers"),
+        ("zeros", lambda s, K, m=0: {n: 0 for n in s}, r"no entry selected: method\.density=0\.001 gives K=\d+"),
+    ]:
+        budgets.register_budget_rule(name, rule)
+        method = build_method("gem", ["query", "value"], budget=name, score="random")
+        model = method.prepare(tiny_bert().model, loaded.head_parameter_names)
+        with pytest.raises(MethodError, match=pattern):
+            method.select(model, None, 0, seed=0)
+    grads = {"a": torch.tensor([[1.0, -2.0]])}
+    weights = {"a": torch.tensor([[3.0, 1.0]])}
+    scores.register_score("as_numpy", lambda g, w: (g * w).numpy())
+    with pytest.raises(ValueError, match=r"'as_numpy' returned a numpy\.ndarray; it must return a torch\.Tensor"):
+        scores.entry_scores("as_numpy", grads, weights)
+    scores.register_score("half_nan", lambda g, w: torch.where(g > 0, g, math.nan))
+    with pytest.raises(ValueError, match=r"'half_nan' returned 1 NaN/inf .* of 2 entries; a score must be finite"):
+        scores.entry_scores("half_nan", grads, weights)
+    with pytest.raises(MethodError, match=r"method\.min_per_matrix=-1 must be a whole number >= 0"):
+        build_method("gem", ["query"], min_per_matrix=-1)
+
+
+def test_a_budget_too_small_for_one_entry_per_matrix_is_refused(tmp_path, data_dir):
+    # tiny BERT: ~1M parameters, 4 query/value matrices; K = 3 under uniform budgets gives 0 each
+    with pytest.raises(MethodError, match=r"no entry selected: method\.density=3e-06 gives K=3 entries for 4 target "
+                                          r"matrices.*Raise method\.density to at least 4"):
+        run_in_process([*TINY_RUN, f"data_dir={data_dir}", "save_checkpoint=false", "method=gem_uniform",
+                        "method.num_grad_samples=8", "method.density=3e-6"], tmp_path / "run")
+
+
+def test_a_named_variant_from_config_alone_runs_under_its_own_name(tmp_path, data_dir):
+    # README: "For a named ablation, add conf/method/<name>.yaml with defaults: [gem, _self_]"
+    conf = tmp_path / "my_conf" / "method"
+    conf.mkdir(parents=True)
+    (conf / "grad_global.yaml").write_text("defaults:\n  - gem\n  - _self_\nname: grad_global\n"
+                                           "score: gradient\nbudget: global\n")
+    record = run_in_process([*TINY_RUN, f"data_dir={data_dir}", "save_checkpoint=false", "method=grad_global",
+                             "method.num_grad_samples=8", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"],
+                            tmp_path / "run")
+    assert record["status"] == "completed" and record["method"] == "grad_global"
+    assert record["method_settings"]["score"] == "gradient" and record["method_settings"]["budget"] == "global"
+    assert record["gem"]["changed_outside_mask"] == 0
+    with pytest.raises(MethodError, match=r"unknown method 'nameless'.*`base`.*register_method"):
+        build_method("nameless", ["query"])

@@ -496,3 +496,24 @@ def test_budget_rows_count_a_seeds_selection_once_and_never_mix_densities(tmp_pa
     assert figures.main(["budgets", str(tmp_path), "--density", "0.001", "--output", str(tmp_path / "b.png")]) == 0
     with pytest.raises(SystemExit):
         figures.main(["budgets", str(tmp_path), "--output", str(tmp_path / "b.png")])
+
+
+def test_select_by_dev_without_dev_scores_says_so(tmp_path):
+    for lr, test in ((1e-4, 0.4), (1e-3, 0.9)):
+        write_record(tmp_path, method="gem", lr=lr, dev=None, test=test)
+    table = build_table(load_records([tmp_path]), select_by="dev")
+    assert any("no dev score to choose by" in note and "tiny-bert/gem/rte" in note for note in table.notes)
+    for lr, dev in ((1e-4, 0.5), (1e-3, 0.6)):
+        write_record(tmp_path / "with_dev", method="gem", lr=lr, dev=dev)
+    table = build_table(load_records([tmp_path / "with_dev"]), select_by="dev")
+    assert not any("no dev score" in note for note in table.notes)
+
+
+def test_runs_with_other_selection_rules_are_not_pooled_silently(tmp_path):
+    write_record(tmp_path, method="gem", seed=1)
+    path = write_record(tmp_path, method="gem", seed=2)
+    record = json.loads(path.read_text())
+    record["config"]["method"]["score"] = "weight_times_gradient"
+    path.write_text(json.dumps(record))
+    notes = build_table(load_records([tmp_path])).notes
+    assert any("config.method.score" in note for note in notes)

@@ -198,9 +198,17 @@ def entry_scores(
 
 
 def _checked(kind: str, scores: Tensor, shape: torch.Size) -> Tensor:
-    if not isinstance(scores, Tensor) or scores.shape != shape:
-        raise ValueError(f"score kind {kind!r} returned {getattr(scores, 'shape', type(scores).__name__)}; it must "
-                         f"return a tensor shaped like the weight, {tuple(shape)}")
+    """A registered score's output: a finite tensor shaped like the weight, or an error naming the rule."""
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"score kind {kind!r} returned a {type(scores).__module__}.{type(scores).__name__}; it must "
+                         f"return a torch.Tensor shaped like the weight, {tuple(shape)}")
+    if scores.shape != shape:
+        raise ValueError(f"score kind {kind!r} returned shape {tuple(scores.shape)}; it must return a tensor shaped "
+                         f"like the weight, {tuple(shape)}")
+    if scores.is_complex() or not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum()) if not scores.is_complex() else scores.numel()
+        raise ValueError(f"score kind {kind!r} returned {bad} NaN/inf (or complex) of {scores.numel()} entries; a "
+                         f"score must be finite (matrices with NaN/inf gradients are excluded before it is called)")
     return scores.float()
 
 

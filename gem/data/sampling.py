@@ -10,7 +10,9 @@
 - too small a train split (num_train + num_dev > rows; CB 250, COPA 400): dev gets
   `round(frac * rows)` rows (at least 1, at most num_dev), train the rest up to num_train,
   where frac is the task's `small_train_dev_fraction` (COPA 0.1 -> 360/40 as the paper;
-  CB 0.2 -> 200/50) or else the requested share num_dev / (num_train + num_dev).
+  CB 0.2 -> 200/50) or else the requested share num_dev / (num_train + num_dev), but never
+  less than min(num_dev, 10 % of the rows) (a huge num_train asks for "all the rest", not a
+  one-example dev set).
 - `null` sizes mean "all": num_test null = the whole test split; num_train null = every
   row not in dev; num_dev null = every row not in train; both null = dev gets
   `small_train_dev_fraction` (default 0.1) of the rows.
@@ -58,8 +60,13 @@ def train_dev_sizes(n: int, num_train: int | None, num_dev: int | None,
     if small_train_dev_fraction is not None:
         frac, why = small_train_dev_fraction, f"small_train_dev_fraction={small_train_dev_fraction:g}"
     else:
-        frac = num_dev / (num_train + num_dev) if num_train + num_dev else 0.0
-        why = f"the requested dev share {num_dev}/({num_train}+{num_dev})"
+        # the requested share, but never below min(num_dev, 10 % of the rows): a num_train far
+        # beyond the data (`task.num_train=100000` for "all") must not shrink dev to one example
+        share = num_dev / (num_train + num_dev) if num_train + num_dev else 0.0
+        least = min(num_dev, round(DEFAULT_DEV_FRACTION * n)) / n
+        frac = max(share, least)
+        why = (f"the requested dev share {num_dev}/({num_train}+{num_dev})" if share >= least else
+               f"min(num_dev, {DEFAULT_DEV_FRACTION:g})")
     n_dev = min(num_dev, max(1 if num_dev else 0, round(frac * n)))
     n_train = min(num_train, n - n_dev)
     note = (f"the train split has only {n} rows (< num_train {num_train} + num_dev {num_dev}): "

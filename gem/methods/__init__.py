@@ -53,9 +53,18 @@ def build_method(name_or_cfg: str | Mapping, target_modules: Iterable[str] | Non
         if target_modules is None:
             target_modules = cfg_targets
         options = {**cfg, **options}
-    if name not in METHODS:
-        raise MethodError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
-    return METHODS[name](target_modules, **options)
+    base = options.pop("base", None)
+    if name in METHODS:
+        return METHODS[name](target_modules, **options)
+    if base in METHODS:
+        # a named variant from config alone (conf/method/<name>.yaml with `defaults: [gem, _self_]`
+        # inherits `base: gem`): the base method's code under the variant's name, so records,
+        # tables and checkpoints keep the two apart
+        variant = type(f"{METHODS[base].__name__}_{name}", (METHODS[base],), {"name": name})
+        return variant(target_modules, **options)
+    raise MethodError(f"unknown method {name!r}; known methods: {sorted(METHODS)}. A variant of one of them "
+                      f"from config alone names it in `base` (conf/method/gem.yaml's variants inherit base: gem); "
+                      f"new code: gem.methods.register_method")
 
 
 __all__ = [

@@ -10,9 +10,10 @@ class holds the glue between the pure math in `gem.core` and the model.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -72,6 +73,9 @@ class SparseMask(Method):
         if o["gradient_pass_mode"] not in ("eval", "train"):
             raise MethodError(f"{self.name}: method.gradient_pass_mode={o['gradient_pass_mode']!r}; choose 'eval' "
                               f"(dropout off in the gradient pass) or 'train' (dropout on, as in a training step)")
+        if isinstance(o["min_per_matrix"], bool) or not isinstance(o["min_per_matrix"], int) or o["min_per_matrix"] < 0:
+            raise MethodError(f"{self.name}: method.min_per_matrix={o['min_per_matrix']!r} must be a whole number "
+                              f">= 0 (entries every target matrix gets at least; 0: no floor)")
         if o["threshold"] not in ("exact", "unsorted"):
             raise MethodError(f"{self.name}: method.threshold must be 'exact' or 'unsorted'")
         if not self.target_modules:
@@ -116,12 +120,18 @@ class SparseMask(Method):
         scores = entry_scores(o["score"], grads, weights, eps=float(o["eps"]), num_samples=num_samples or None,
                               generator=generator)
         budget_rule = BUDGET_RULES[o["budget"]]
-        self.budgets = dict(budget_rule(scores, self.total_budget, int(o["min_per_matrix"])))
+        self.budgets = _integer_budgets(o["budget"], budget_rule(scores, self.total_budget, int(o["min_per_matrix"])))
         spent = sum(self.budgets.values())
         if set(self.budgets) != set(scores) or spent > self.total_budget or min(self.budgets.values()) < 0:
             raise MethodError(f"{self.name}: budget rule {o['budget']!r} gave {spent} entries over "
                               f"{len(self.budgets)} matrices; it must give every one of the {len(scores)} eligible "
                               f"matrices a count >= 0, summing to at most K={self.total_budget}")
+        if spent == 0:
+            raise MethodError(f"{self.name}: no entry selected: method.density={o['density']} gives K="
+                              f"{self.total_budget} entries for {len(scores)} target matrices, and the "
+                              f"{o['budget']!r} rule gave each of them 0 (budgets are rounded down). Raise "
+                              f"method.density to at least {len(scores) / self.num_model_parameters:.2g} "
+                              f"(K >= one entry per matrix) or target fewer matrices")
         if o["threshold"] == "unsorted":
             masks = {n: unsorted_threshold_indices(s, self.budgets[n]) if self.budgets[n] else
                      top_k_flat_indices(s, 0) for n, s in scores.items()}
@@ -195,6 +205,23 @@ class SparseMask(Method):
     def describe(self) -> dict:
         return {**super().describe(), "total_budget": self.total_budget,
                 "num_model_parameters": self.num_model_parameters}
+
+
+def _integer_budgets(rule: str, budgets) -> dict[str, int]:
+    """A budget rule's output as {matrix: count}, or an error naming the rule and what it gave."""
+    if not isinstance(budgets, Mapping):
+        raise MethodError(f"budget rule {rule!r} returned {type(budgets).__name__}; it must return a dict "
+                          f"{{matrix name: number of entries}}")
+    counts = {}
+    for name, count in budgets.items():
+        if isinstance(count, torch.Tensor) and count.numel() == 1:
+            count = count.item()
+        if isinstance(count, bool) or not (isinstance(count, numbers.Integral) or
+                                           (isinstance(count, float) and count.is_integer())):
+            raise MethodError(f"budget rule {rule!r} gave {name} the count {count!r}; counts must be whole numbers "
+                              f"(round them down, e.g. K * share // total, so they sum to at most K)")
+        counts[name] = int(count)
+    return counts
 
 
 def _preset(name: str, **defaults) -> type[SparseMask]:
