@@ -42,8 +42,8 @@ from typing import Any, Iterable, Sequence
 
 from gem.records import find_records, path_sort_key, read_record
 
-METHOD_ORDER = ("full", "lora", "adapter", "bitfit", "gem")
-METHOD_LABELS = {"full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "gem": "GEM"}
+METHOD_ORDER = ("zero_shot", "full", "lora", "adapter", "bitfit", "gem")
+METHOD_LABELS = {"zero_shot": "Zero-shot", "full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "gem": "GEM"}
 TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qnli", "rte", "boolq", "cb", "copa", "multirc", "wic",
               "squad", "gsm8k", "mbpp")
 TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE",

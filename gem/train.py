@@ -285,9 +285,13 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
         # The resolved config (secrets removed), so wandb filters like config.task.name work.
         trainer.logger.log_hyperparams(record.data["config"])
 
-    with record.phase("fit"):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    module.restore_best()
+    if method.trains:
+        with record.phase("fit"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        module.restore_best()
+    else:  # zero_shot: dev scored once (the record's and the table's dev column), nothing trained
+        with record.phase("fit"):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     with record.phase("test"):
         trainer.test(module, datamodule=datamodule, verbose=False)
 

@@ -288,3 +288,25 @@ def test_eval_order_does_not_change_metrics_or_generations(data_dir, tmp_path):
     assert len(rows["length"]) == 7 and len({r["uid"] for r in rows["length"]}) == 7
     assert [r["uid"] for r in rows["length"]] != [r["uid"] for r in rows["dataset"]]  # the order did change
     assert sorted(map(json.dumps, rows["length"])) == sorted(map(json.dumps, rows["dataset"]))
+
+
+def test_zero_shot_scores_the_untouched_model(data_dir, tmp_path):
+    # Nothing trains: the test score cannot depend on the seed (which only redraws train/dev),
+    # and no step is taken.
+    common = [*RUN, "method=zero_shot", "task=rte", f"data_dir={data_dir}", "save_checkpoint=true"]
+    runs = [run_in_process([*common, f"seed={seed}"], tmp_path / f"s{seed}") for seed in (1, 2)]
+    for record in runs:
+        assert record["status"] == "completed" and record["method"] == "zero_shot"
+        assert record["params"]["trainable"] == 0 == record["params"]["tuned"] and record["train_steps"] == 0
+        assert len(record["history"]) == 1 and "dev/acc" in record["metrics"]
+    assert runs[0]["metrics"]["test/acc"] == runs[1]["metrics"]["test/acc"]
+    assert (tmp_path / "s1" / "checkpoint" / "method_config.json").exists()
+
+
+def test_zero_shot_refuses_a_model_with_a_new_head(data_dir, tmp_path):
+    from gem.methods import MethodError
+
+    with pytest.raises(MethodError, match=r"zero_shot .* new, untrained task head .* model=smollm2-135m"):
+        run_in_process(["model=tiny-bert", "logger=none", "trainer.accelerator=cpu", "method=zero_shot", "task=rte",
+                        "task.num_train=8", "task.num_dev=4", "task.num_test=4", f"data_dir={data_dir}"],
+                       tmp_path / "run")

@@ -14,12 +14,14 @@ from .bitfit import BitFit
 from .full import FullFineTuning
 from .lora import LoRA, merge_for_export
 from .sparse import SPARSE_METHODS, SparseMask
+from .zero_shot import ZeroShot
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTuning,
     "bitfit": BitFit,
     "lora": LoRA,
     "adapter": HoulsbyAdapter,
+    "zero_shot": ZeroShot,
     # GEM and its ablations: gem, gem_uniform, grad_uniform, grad_entropy, random_mask, fish, pafi.
     **SPARSE_METHODS,
 }
@@ -70,5 +72,5 @@ def build_method(name_or_cfg: str | Mapping, target_modules: Iterable[str] | Non
 __all__ = [
     "METHODS", "Method", "MethodError", "build_method", "register_method", "find_target_linears",
     "FullFineTuning", "BitFit", "LoRA", "HoulsbyAdapter", "BottleneckAdapter", "LinearWithAdapter",
-    "merge_for_export", "SparseMask",
+    "merge_for_export", "SparseMask", "ZeroShot",
 ]

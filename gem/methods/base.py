@@ -28,6 +28,8 @@ class Method:
 
     name: str = "base"
 
+    trains = True  # False: nothing trains (zero_shot); the run only scores dev and test
+
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
         # One name given as a string (`model.target_modules=query`) is a list of one, not of letters.
         self.target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
