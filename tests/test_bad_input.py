@@ -175,6 +175,20 @@ def test_missing_data_file_names_it_and_the_layout(tmp_path):
                      r"train: .*super_glue/RTE/train\.jsonl; test: .*super_glue/RTE/val\.jsonl")
 
 
+def test_an_empty_or_truncated_data_file_is_named_with_what_is_wrong(tmp_path):
+    from gem.data import DataError
+
+    data = write_rte(tmp_path / "data", rte_rows())
+    train = data / "super_glue" / "RTE" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:3] + [lines[3][: len(lines[3]) // 2]]) + "\n")  # cut mid-line
+    fails_in_process(tiny(data, "method=bitfit"), tmp_path / "run1", DataError,
+                     r"could not read \S*train\.jsonl as jsonl: line 4 is not valid JSON", r"truncated or corrupt")
+    train.write_text("")
+    fails_in_process(tiny(data, "method=bitfit"), tmp_path / "run2", DataError,
+                     r"could not read \S*train\.jsonl as jsonl: the file is empty")
+
+
 def test_max_length_beyond_the_model_is_clamped_with_a_note(tmp_path, caplog):
     """Decision: a task.max_length longer than the model's position table (tiny-bert: 512) is clamped
     to it, with a warning and a note in the record (unclamped, a 700-token example crashes BERT)."""

@@ -19,6 +19,7 @@ Every example is a dict:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -144,6 +145,25 @@ def _read_local(spec: TaskSpec, root_arg: str) -> tuple[dict[str, list[dict]], s
     return pools, f"local:{folder}", fallback
 
 
+def _first_problem(path: Path, fmt: str) -> str | None:
+    """What is wrong with a file `datasets` could not read, in words (empty; a JSON line that
+    does not parse, with its number); None when nothing simple is found."""
+    try:
+        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+            return "the file is empty"
+        if fmt == "jsonl":
+            with path.open(encoding="utf-8", errors="replace") as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line)
+                        except ValueError as error:
+                            return f"line {number} is not valid JSON ({error}); truncated or corrupt?"
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
     import datasets
 
@@ -162,9 +182,10 @@ def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
             raise DataError(f"task {spec.name}: local.format must be tsv, jsonl or json, got {src.format!r}")
     except DataError:
         raise
-    except Exception as error:  # a malformed file: say which one
+    except Exception as error:  # a malformed file: say which one, and where if we can
         raise DataError(f"task {spec.name}: could not read {path} as {src.format}: "
-                        f"{type(error).__name__}: {error}") from error
+                        f"{_first_problem(path, src.format) or f'{type(error).__name__}: {error}'}; "
+                        f"restore the file from the dataset's official release") from error
     finally:
         if quiet:
             datasets.enable_progress_bars()
