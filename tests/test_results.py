@@ -18,7 +18,16 @@ def test_table_command_reprints_the_committed_table_byte_for_byte():
     assert made.stdout == (RESULTS / "table.md").read_text()
 
 
-MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations"]
+SMOLLM2_TABLE_COMMAND = [sys.executable, "-m", "gem.tables", "results/smollm2", "--select-by", "dev"]
+
+
+@pytest.mark.skipif(not (RESULTS / "table_smollm2.md").exists(), reason="no committed decoder table yet")
+def test_decoder_table_command_reprints_the_committed_table_byte_for_byte():
+    made = subprocess.run(SMOLLM2_TABLE_COMMAND, cwd=RESULTS.parent, capture_output=True, text=True, check=True)
+    assert made.stdout == (RESULTS / "table_smollm2.md").read_text()
+
+
+MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations", "results/smollm2"]
 
 
 @pytest.mark.skipif(not (RESULTS / "manifest.md").exists(), reason="no committed manifest yet")
