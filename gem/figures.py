@@ -190,7 +190,7 @@ def plot_budgets(records: Sequence[dict], *, method: str | None = "gem", tasks: 
                     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3,
                             color=colors[t % len(colors)], label=TASK_LABELS.get(task, task))
             layers = sorted({r["layer"] for r in rows if r["model"] == model})
-            ax.set_xticks(layers)
+            ax.set_xticks(layers[::max(1, math.ceil(len(layers) / 16))])  # deep models: every k-th label
             ax.set_title(f"{model}: {kind}" if len(models) > 1 else kind)
             ax.set_xlabel("layer")
             if j == 0:
