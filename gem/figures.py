@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gem.records import path_sort_key
-from gem.tables import (DEFAULT_SWEEP_KEYS, METHOD_LABELS, TASK_LABELS, build_table, load_records, lookup,
-                        method_sort_key, task_sort_key)
+from gem.tables import (DEFAULT_SWEEP_KEYS, METHOD_LABELS, TASK_LABELS, _is_number, build_table, load_records,
+                        lookup, method_sort_key, task_sort_key)
 
 DENSITY_KEY = "config.method.density"
 _KIND_ALIASES = {"query": "q", "q_proj": "q", "q": "q", "value": "v", "v_proj": "v", "v": "v",
@@ -121,7 +121,7 @@ def budget_rows(records: Sequence[dict], method: str | None = "gem", density: fl
 
 
 def _same_number(value, target: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isclose(value, target)
+    return _is_number(value) and math.isclose(value, target)
 
 
 def density_points(records: Sequence[dict], *, metric: str | None = None, select_by: str | None = None,

@@ -4,9 +4,10 @@ Hydra saves `.hydra/{config,hydra,overrides}.yaml` into the run folder before th
 starts. When that folder holds a completed run the job will refuse to start
 (`gem.run_checks`), and the completed run's saved command must survive the attempt: the
 callback turns the saving off for that job. With `overwrite=true` it keeps a copy of the
-completed run's `.hydra/`, put back if the new run's settings fail their checks. (Hydra only warns about exceptions raised in
-callbacks, so the refusal itself stays in `gem.train.run`.) Multirun job folders are not
-known at this point; records keep their own command (`overrides`) for that case.
+completed run's `.hydra/`, put back if the new run's settings fail their checks. (Hydra only
+warns about exceptions raised in callbacks, so the refusal itself stays in `gem.train.run`.)
+Multirun job folders are not known at this point; records keep their own command
+(`overrides`) for that case.
 """
 
 from __future__ import annotations

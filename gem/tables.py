@@ -512,24 +512,18 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     if selections:
         notes.append(f"selected on dev ({', '.join(sweep_keys)}) per (model, task, method):")
         notes.extend(f"  {line}" for line in selections)
-    if at_edge:
-        notes.append(f"note: {len(at_edge)} cell(s) chose the largest or smallest of the swept values, so the "
-                     f"best setting may lie beyond the grid: {', '.join(at_edge)}")
-    if no_dev:
-        notes.append(f"warning: {len(no_dev)} cell(s) have no dev score to choose by (task.num_dev=0?); the "
-                     f"setting with the most runs, then the first, is shown: {', '.join(no_dev)}")
-    if unshared:
-        notes.append(f"warning: {len(unshared)} cell(s) have settings that share no seed, compared on all their "
-                     f"seeds: {', '.join(unshared)}")
-    if mixed:
-        notes.append(f"warning: {len(mixed)} cell(s) pool runs with different {', '.join(sweep_keys)} "
-                     f"(use --select-by dev or --group-by): {', '.join(mixed)}")
-    if repeated:
-        notes.append(f"warning: {len(repeated)} cell(s) count a seed more than once "
-                     f"(use --group-by to split them): {', '.join(repeated)}")
-    if differing:
-        notes.append(f"warning: {len(differing)} cell(s) pool runs that differ in a setting "
-                     f"(use --group-by to split them): {', '.join(differing)}")
+    for level, cells, what in (
+            ("note", at_edge, "chose the largest or smallest of the swept values, so the best setting may lie "
+                              "beyond the grid"),
+            ("warning", no_dev, "have no dev score to choose by (task.num_dev=0?); the setting with the most "
+                                "runs, then the first, is shown"),
+            ("warning", unshared, "have settings that share no seed, compared on all their seeds"),
+            ("warning", mixed, f"pool runs with different {', '.join(sweep_keys)} (use --select-by dev or "
+                               f"--group-by)"),
+            ("warning", repeated, "count a seed more than once (use --group-by to split them)"),
+            ("warning", differing, "pool runs that differ in a setting (use --group-by to split them)")):
+        if cells:
+            notes.append(f"{level}: {len(cells)} cell(s) {what}: {', '.join(cells)}")
     used = {t: sorted(main_metrics[t])[0] if len(main_metrics[t]) == 1 else "mixed" for t in shown_tasks
             if main_metrics.get(t)}
     return Table(rows=rows, tasks=shown_tasks, metric=metric, main_metrics=used, group_by=group_by,

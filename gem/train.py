@@ -148,9 +148,7 @@ def run(cfg: DictConfig) -> dict:
             raise
         # a `failed` record, so a refused job of a multirun still shows in the table's footer
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = _new_record(cfg, run_dir, _config_for_record(cfg))
-        record.data["traceback"] = traceback.format_exc(limit=20)
-        record.finish("failed", error=f"{type(error).__name__}: {error}")
+        _record_failure(_new_record(cfg, run_dir, _config_for_record(cfg)), error)
         raise
     if replacing:
         remove_run_outputs(run_dir)
@@ -160,8 +158,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         summary = _run(cfg, run_dir, record, checked)
     except BaseException as error:  # record why, then let Hydra/the caller see the error
-        record.data["traceback"] = traceback.format_exc(limit=20)
-        record.finish("failed", error=f"{type(error).__name__}: {error}")
+        _record_failure(record, error)
         raise
     finally:
         _finish_wandb()
@@ -201,6 +198,12 @@ def _new_record(cfg: DictConfig, run_dir: Path, config: dict) -> RunRecord:
                        seed=cfg.get("seed"), config=config)
     record.data["overrides"] = _command_overrides()
     return record
+
+
+def _record_failure(record: RunRecord, error: BaseException) -> None:
+    """Finish the record as `failed`, with the error and its traceback (call inside `except`)."""
+    record.data["traceback"] = traceback.format_exc(limit=20)
+    record.finish("failed", error=f"{type(error).__name__}: {error}")
 
 
 def _config_for_record(cfg: DictConfig) -> dict:
