@@ -33,6 +33,12 @@ Same model, same synthetic batch, for `full`, `bitfit`, `lora`, `adapter` and `g
     python experiments/benchmark.py --model smollm2-135m --batch-size 4   # the decoder (paper's family)
     python experiments/benchmark.py --methods lora,gem --steps 20 --json results/bench.json
     python experiments/benchmark.py --device cuda --precision bf16 --model roberta-base
+    python experiments/benchmark.py --model opt-1.3b --init random   # architecture only: no weights needed
+
+`--init random` builds the model from its config (config.json and tokenizer, no weights) with
+random weights, seeded. Step time, memory, optimizer state and checkpoint size depend on the
+architecture and K, not on the weights' values (GEM then selects other entries, the same number),
+so this measures models whose weights are not at hand; it says nothing about accuracy.
 """
 
 from __future__ import annotations
@@ -80,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=3, help="steps run by each memory subprocess")
     p.add_argument("--grad-batches", type=int, default=4, help="batches in GEM's gradient pass")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-grad-kernel", default="auto", choices=["auto", "sddmm", "gather", "dense"],
+                   help="how GEM computes its k weight-gradient entries (gem/core/sparse_linear.py)")
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
+                   help="random: the model's architecture with random weights (see above)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
@@ -153,6 +163,27 @@ def autocast(args, device: torch.device):
     if args.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
+    """Save the config's architecture with random weights (and its tokenizer) into `folder`;
+    return the model config pointing there. The backbone is saved without a task head, so
+    loading it for classification gives a new head, as a pre-trained checkpoint does."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from gem.models.loading import load_tokenizer
+    from gem.models.packaged import model_kind, resolve_model_source
+
+    source, kwargs = resolve_model_source(cfg)
+    remote = {k: kwargs[k] for k in ("trust_remote_code", "revision") if k in kwargs}
+    config = AutoConfig.from_pretrained(source, **remote)
+    decoder = model_kind(cfg) == "decoder"
+    torch.manual_seed(seed)
+    model = (AutoModelForCausalLM if decoder else AutoModel).from_config(config, **remote)
+    model.save_pretrained(folder)
+    load_tokenizer(cfg).save_pretrained(folder)
+    return {**cfg, "pretrained": str(folder), "kind": "decoder" if decoder else "encoder",
+            "name": f"{cfg.get('name') or source} (random init)"}
 
 
 def load(args, cfg: dict, device: torch.device):
@@ -349,7 +380,9 @@ def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--mem-steps", str(args.mem_steps), "--grad-batches", str(args.grad_batches),
            "--lr", str(args.lr), "--device", args.device, "--precision", args.precision,
-           "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--threads", str(args.threads), "--seed", str(args.seed),
+           "--weight-grad-kernel", args.weight_grad_kernel]
+    # with --init random, args.model already names the random-init folder the parent saved
     if grads_file:
         cmd += ["--grads-file", grads_file]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
@@ -478,6 +511,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     device = torch.device(args.device)
+    from gem.core.sparse_linear import set_weight_grad_kernel, weight_grad_kernel
+
+    set_weight_grad_kernel(args.weight_grad_kernel)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
     cfg = model_config(args.model)
@@ -493,6 +529,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown methods {unknown}")
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as grads_dir:
+        if args.init == "random":
+            cfg = random_init_folder(cfg, Path(grads_dir) / "random_init", args.seed)
+            args.model = json.dumps(cfg)  # the memory subprocesses load the same weights
         results = time_methods(args, cfg, device, grads_dir)
         if not args.no_memory:
             for name in args.methods:
@@ -504,10 +543,12 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - wall
 
     meta = {"model": cfg.get("name", args.model), "device": str(device), "precision": args.precision,
-            "threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "init": args.init, "weight_grad_kernel": weight_grad_kernel(device), "threads": args.threads,
+            "batch_size": args.batch_size, "seq_len": args.seq_len,
             "steps": args.steps, "warmup": args.warmup, "timing": args.timing, "torch": torch.__version__,
             "wall_s": round(wall, 1)}
-    print(f"\n{meta['model']}, {device} {args.precision}, batch {args.batch_size} x {args.seq_len}, "
+    print(f"\n{meta['model']}, {device} {args.precision}, GEM gradient kernel {meta['weight_grad_kernel']}, "
+          f"batch {args.batch_size} x {args.seq_len}, "
           f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up ({args.timing}); "
           f"peak memory = increase over the pre-step state ({'RSS high-water' if device.type == 'cpu' else 'CUDA allocated'})\n")
     print(markdown_table(results))

@@ -70,3 +70,34 @@ def test_backward_floor_gate_receives_gradient_through_every_layer():
     assert gate.grad is not None and torch.isfinite(gate.grad) and gate.grad != 0
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+
+
+def test_random_init_needs_only_config_and_tokenizer(tmp_path, capsys):
+    # A folder with config.json and the tokenizer but no weights, as for a model not at hand:
+    # `--init random` builds the architecture, seeded, and every method (the memory children too)
+    # trains the same random weights with a new head.
+    from transformers import AutoConfig
+
+    from gem.models.loading import load_tokenizer
+    from gem.models.packaged import resolve_model_source
+
+    source, _ = resolve_model_source({"pretrained": "tiny:bert"})
+    folder = tmp_path / "config_only"
+    AutoConfig.from_pretrained(source).save_pretrained(folder)
+    load_tokenizer({"pretrained": "tiny:bert"}).save_pretrained(folder)
+    assert not list(folder.glob("*.safetensors"))
+    spec = json.dumps({"name": "tiny-arch", "pretrained": str(folder), "kind": "encoder",
+                       "target_modules": ["query", "value"]})
+    common = ["--model", spec, "--methods", "full,gem", "--steps", "1", "--warmup", "0", "--mem-steps", "1",
+              "--grad-batches", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
+    with pytest.raises(Exception, match="(?i)weights|no file named|safetensors"):
+        benchmark.main(common + ["--no-memory"])  # the default (pretrained) needs the weights
+
+    first = benchmark.main(common + ["--init", "random", "--json", str(tmp_path / "a.json")])
+    again = benchmark.main(common + ["--init", "random", "--no-memory"])
+    assert "tiny-arch (random init)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["_meta"]["init"] == "random"
+    assert first["full"]["tuned_entries"] > 100 * first["gem"]["tuned_entries"] > 0
+    assert first["gem"]["peak_mem_bytes"] >= 0  # the memory child loaded the parent's random weights
+    assert first["gem"]["total_budget"] == again["gem"]["total_budget"]
+    assert first["gem"]["checkpoint_bytes"] == again["gem"]["checkpoint_bytes"]

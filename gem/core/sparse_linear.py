@@ -40,17 +40,21 @@ chunked over tokens (`MAX_GATHER_ELEMENTS`) so that no temporary exceeds a bound
 Both accumulate in fp32 whatever the activation dtype. The memory and optimizer
 savings hold for any k; the compute saving only while k is small relative to out*in.
 
-Why overwrite k weight entries before each forward (instead of a hook on the
-optimizer)? It is k writes (cheap), it keeps the forward an ordinary F.linear on a
-dense weight (fast kernels, no sparse-dense add), and it is robust to any
-optimizer, to `load_state_dict` and to `.to()`: whatever changed `delta`, the next
-forward uses it. The write is skipped when nothing changed (tracked with tensor
-version counters) so that a second forward before backward, or activation
-checkpointing's recomputation, does not invalidate tensors saved for backward.
+A third kernel, `dense`, forms the [out, in] product of one matrix at a time inside
+backward (a transient; the weight's `.grad` stays None and the optimizer still sees k
+numbers) and gathers the k entries; bf16/fp16 inputs keep an fp32 product where the
+backend offers it (`torch.mm(..., out_dtype=float32)`). Its cost does not grow with k.
+On an H200 (bf16, SmolLM2-135M at 8 x 1024 tokens, RoBERTa-base, MiniLM) it was no faster
+than the sampled product end to end: the kernel of these sums moved GEM's step by no more
+than run-to-run noise, and GEM's cost over the frozen-model floor there is about LoRA's
+(results/README.md, "GPU"; likely per-module launch overhead, not profiled). So `auto` keeps the sampled
+product wherever the device has it; `set_weight_grad_kernel()`, the environment variable
+GEM_WEIGHT_GRAD_KERNEL, or `experiments/benchmark.py --weight-grad-kernel` force a kernel.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Iterator, Literal
 
@@ -62,6 +66,11 @@ from torch import nn
 # the backward pass (2**26 fp32 = 256 MiB; peak is about 3x this: two gathers and
 # the fp32 casts). The token dimension is chunked to respect it.
 MAX_GATHER_ELEMENTS = 2**26
+# Largest [out, in] transient the `dense` kernel forms (2**26 fp32 = 256 MiB); larger
+# matrices use the sampled product (or the gather) even when `dense` is forced.
+MAX_DENSE_ELEMENTS = 2**26
+WEIGHT_GRAD_KERNELS = ("auto", "sddmm", "gather", "dense")
+_forced_kernel: str | None = None
 
 DeltaInit = Literal["zero", "w0"]
 
@@ -99,6 +108,46 @@ def sddmm_supported(device: torch.device) -> bool:
     return _SDDMM_SUPPORT[kind]
 
 
+def set_weight_grad_kernel(name: str | None) -> None:
+    """Force the kernel of every sparse weight gradient (`sddmm`, `gather`, `dense`);
+    `auto` or None: the per-device choice of `weight_grad_kernel`."""
+    global _forced_kernel
+    if name is not None and name not in WEIGHT_GRAD_KERNELS:
+        raise ValueError(f"Unknown weight-gradient kernel {name!r}; use one of {', '.join(WEIGHT_GRAD_KERNELS)}.")
+    _forced_kernel = None if name in (None, "auto") else name
+
+
+def weight_grad_kernel(device: torch.device, shape: tuple[int, int] | None = None) -> str:
+    """The kernel `sparse_weight_grad` uses on `device` for a matrix of `shape` ([out, in]):
+    the forced one, else the sampled product where the device has it, else the gather."""
+    forced = _forced_kernel or os.environ.get("GEM_WEIGHT_GRAD_KERNEL") or "auto"
+    if forced not in WEIGHT_GRAD_KERNELS:
+        raise ValueError(f"GEM_WEIGHT_GRAD_KERNEL={forced!r}; use one of {', '.join(WEIGHT_GRAD_KERNELS)}.")
+    fits = shape is None or shape[0] * shape[1] <= MAX_DENSE_ELEMENTS
+    if forced == "dense" and fits:
+        return "dense"
+    if forced != "gather" and sddmm_supported(device):
+        return "sddmm"
+    return "gather"
+
+
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as float32; half-precision inputs keep the fp32 accumulator where the backend can."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        key = (a.device.type, a.dtype)
+        if _MM_OUT_DTYPE.get(key, True):
+            try:
+                out = torch.mm(a, b, out_dtype=torch.float32)
+                _MM_OUT_DTYPE[key] = True
+                return out
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE[key] = False
+    return torch.mm(a, b).float()
+
+
 def sparse_weight_grad(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -107,16 +156,23 @@ def sparse_weight_grad(
     max_elements: int = MAX_GATHER_ELEMENTS,
     pattern: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dL/dW at (rows, cols), computed without forming the dense gradient.
+    """dL/dW at (rows, cols); the weight's `.grad` is never formed.
 
     `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens.
-    With `pattern` (from `selection_pattern(rows, cols, (out, in))`, entries sorted
-    row-major) on a device with the kernel, one sampled product; otherwise a chunked
-    gather. Returns a float32 vector of length k, accumulated in fp32.
+    The kernel is `weight_grad_kernel(device)`'s: `sddmm` (needs `pattern`, from
+    `selection_pattern(rows, cols, (out, in))`, entries sorted row-major), `dense` (a
+    transient [out, in] product, then a gather) or the token-chunked `gather`. Returns
+    a float32 vector of length k.
     """
     g = grad_out.reshape(-1, grad_out.shape[-1])
     xs = x.reshape(-1, x.shape[-1])
-    if pattern is not None and rows.numel() and g.shape[0] and sddmm_supported(g.device):
+    if not rows.numel() or not g.shape[0]:
+        return torch.zeros(rows.numel(), dtype=torch.float32, device=g.device)
+    kernel = weight_grad_kernel(g.device, (g.shape[1], xs.shape[1]))
+    if kernel == "dense":
+        dense = _mm_fp32_out(g.T, xs.to(g.dtype))
+        return dense.view(-1).index_select(0, rows * xs.shape[1] + cols)
+    if kernel == "sddmm" and pattern is not None:
         return torch.sparse.sampled_addmm(pattern, g.T.float(), xs.float(), beta=0.0).values()
     return _gathered_weight_grad(g, xs, rows, cols, max_elements)
 
