@@ -35,6 +35,13 @@ Same model, same synthetic batch, for `full`, `bitfit`, `lora`, `adapter` and `g
     python experiments/benchmark.py --device cuda --precision bf16 --model roberta-base
     python experiments/benchmark.py --model opt-1.3b --init random   # architecture only: no weights needed
 
+`--task sst2 --data-dir ../shared/data` times real training batches instead of synthetic
+full-length ones: the task's sampled training set (seed `--seed`), shuffled, cut into
+`--batch-size` batches and collated exactly as `run.py` does (padded to each batch's longest
+example, cut at the task's max_length); every method steps through the same batches in the
+same order (encoder models, classification tasks). SST-2's batches of 16 are padded to about
+35 tokens, not 128: which of the two a table reports changes the ratios (results/README.md).
+
 `--init random` builds the model from its config (config.json and tokenizer, no weights) with
 random weights, seeded. Step time, memory, optimizer state and checkpoint size depend on the
 architecture and K, not on the weights' values (GEM then selects other entries, the same number),
@@ -81,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated method names")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--task", default=None,
+                   help="time real training batches of this task (conf/task/<name>.yaml) instead of synthetic ones")
+    p.add_argument("--data-dir", default=None, help="data folder for --task (as run.py's data_dir)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run by each memory subprocess")
@@ -186,15 +196,65 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
             "name": f"{cfg.get('name') or source} (random init)"}
 
 
+def task_batches(args, tokenizer, kind: str, count: int, offset: int = 0) -> list[dict]:
+    """`count` real training batches of `args.task`, collated as run.py collates them, starting
+    at batch `offset` of one seeded shuffle of the sampled training set (cycled if short)."""
+    from omegaconf import OmegaConf
+
+    from gem.data import encoder_collator, load_task
+
+    if kind != "encoder":
+        raise SystemExit("--task times encoder models; for a decoder use synthetic batches (--seq-len)")
+    task_cfg = task_config(args)
+    task = load_task(task_cfg, args.data_dir, args.seed)
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    collate = encoder_collator(tokenizer, task, int(task_cfg.max_length))
+    per_epoch = max(1, len(order) // args.batch_size)
+    batches = []
+    for i in range(offset, offset + count):
+        start = (i % per_epoch) * args.batch_size
+        batch = collate([task.train[j] for j in order[start:start + args.batch_size]])
+        batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                                   "labels")})
+    return batches
+
+
+def task_config(args):
+    """conf/task/<args.task>.yaml, checked to be a classification task."""
+    from omegaconf import OmegaConf
+
+    path = REPO / "conf" / "task" / f"{args.task}.yaml"
+    if not path.is_file():
+        names = sorted(f.stem for f in path.parent.glob("*.yaml"))
+        raise SystemExit(f"--task {args.task!r}: no conf/task/{args.task}.yaml; tasks: {', '.join(names)}")
+    cfg = OmegaConf.load(path)
+    if cfg.get("kind") != "classification":
+        raise SystemExit(f"--task {args.task!r} is a {cfg.get('kind')} task; --task supports classification tasks")
+    return cfg
+
+
+def num_labels(args) -> int:
+    return len(task_config(args).label_names) if args.task else NUM_LABELS
+
+
 def load(args, cfg: dict, device: torch.device):
     from gem.models.loading import load_model
 
-    loaded = load_model(cfg, "classification", NUM_LABELS)
+    loaded = load_model(cfg, "classification", num_labels(args))
     loaded.model.to(device)
     return loaded
 
 
+def timed_batches(args, tokenizer, kind: str) -> list[dict]:
+    """The batches the timed steps cycle through: one synthetic batch, or the task's real ones."""
+    if args.task:
+        return task_batches(args, tokenizer, kind, args.warmup + max(args.steps, args.mem_steps))
+    return [make_batch(tokenizer, kind, args.batch_size, args.seq_len, args.seed)]
+
+
 def gradient_batches(args, tokenizer, kind: str) -> list[dict]:
+    if args.task:  # GEM's gradient pass sees other training batches than the timed steps
+        return task_batches(args, tokenizer, kind, args.grad_batches, offset=args.warmup + args.steps)
     return [make_batch(tokenizer, kind, args.batch_size, args.seq_len, args.seed + 1 + i)
             for i in range(args.grad_batches)]
 
@@ -260,17 +320,19 @@ def build(args, cfg: dict, name: str, device: torch.device, grads_file: str | No
         info["_seen"] = seen
     model.train()
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.0), lr=args.lr)
-    batch = to_device(make_batch(loaded.tokenizer, loaded.kind, args.batch_size, args.seq_len, args.seed), device)
-    return {"name": name, "model": model, "method": method, "optimizer": optimizer, "batch": batch,
+    batches = [to_device(b, device) for b in timed_batches(args, loaded.tokenizer, loaded.kind)]
+    return {"name": name, "model": model, "method": method, "optimizer": optimizer, "batches": batches, "next": 0,
             "info": info, "num_parameters": loaded.num_parameters}
 
 
 def train_step(args, state: dict, device: torch.device) -> float:
     model, optimizer = state["model"], state["optimizer"]
+    batch = state["batches"][state["next"] % len(state["batches"])]  # every method: the same sequence
+    state["next"] += 1
     sync(device)
     start = time.perf_counter()
     with autocast(args, device):
-        loss = model(**state["batch"]).loss
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -382,6 +444,8 @@ def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
            "--lr", str(args.lr), "--device", args.device, "--precision", args.precision,
            "--threads", str(args.threads), "--seed", str(args.seed),
            "--weight-grad-kernel", args.weight_grad_kernel]
+    if args.task:
+        cmd += ["--task", args.task] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     # with --init random, args.model already names the random-init folder the parent saved
     if grads_file:
         cmd += ["--grads-file", grads_file]
@@ -410,6 +474,9 @@ def time_methods(args, cfg: dict, device: torch.device, grads_dir: str) -> dict[
     def finish(name: str, state: dict, times: list[float]) -> None:
         results[name] = {"step_time_s": statistics.median(times), "step_times_s": times,
                          **static_measures(state)}
+        batches = state["batches"]
+        results[name]["_timed_lengths"] = [int(batches[i % len(batches)]["input_ids"].shape[-1])
+                                           for i in range(args.warmup, args.warmup + len(times))]
         if "grads_file" in state:
             results[name]["_grads_file"] = state["grads_file"]
 
@@ -507,6 +574,13 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def shape_text(args, lengths: list[int]) -> str:
+    if not args.task:
+        return str(args.seq_len)
+    return (f"{args.task} training batches (padded to {min(lengths)}-{max(lengths)} tokens, "
+            f"median {statistics.median(lengths):g})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -517,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
     cfg = model_config(args.model)
+    if args.task:
+        task_config(args)  # a bad --task fails before any model is built
 
     if args.single:
         out = measure_memory(args, cfg, args.single, device)
@@ -538,17 +614,20 @@ def main(argv: list[str] | None = None) -> dict:
                 mem = run_memory_subprocess(args, name, results[name].get("_grads_file"))
                 mem.pop("method", None)
                 results[name].update(mem)
+    lengths = []
     for r in results.values():
         r.pop("_grads_file", None)
+        lengths = r.pop("_timed_lengths", lengths)  # the same for every method
     wall = time.perf_counter() - wall
 
     meta = {"model": cfg.get("name", args.model), "device": str(device), "precision": args.precision,
             "init": args.init, "weight_grad_kernel": weight_grad_kernel(device), "threads": args.threads,
-            "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "seq_len": None if args.task else args.seq_len,
+            "task": args.task, "timed_batch_lengths": lengths,
             "steps": args.steps, "warmup": args.warmup, "timing": args.timing, "torch": torch.__version__,
             "wall_s": round(wall, 1)}
     print(f"\n{meta['model']}, {device} {args.precision}, GEM gradient kernel {meta['weight_grad_kernel']}, "
-          f"batch {args.batch_size} x {args.seq_len}, "
+          f"batch {args.batch_size} x {shape_text(args, lengths)}, "
           f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up ({args.timing}); "
           f"peak memory = increase over the pre-step state ({'RSS high-water' if device.type == 'cpu' else 'CUDA allocated'})\n")
     print(markdown_table(results))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from experiments import benchmark
 
@@ -60,12 +61,10 @@ def test_backward_floor_row_trains_only_its_gate_and_the_head(capsys):
 
 
 def test_backward_floor_gate_receives_gradient_through_every_layer():
-    import torch
-
     state = benchmark.build(benchmark.parse_args(["--batch-size", "2", "--seq-len", "8"]),
                             json.loads(TINY), "backward_floor", torch.device("cpu"))
     model = state["model"]
-    model(**state["batch"]).loss.backward()
+    model(**state["batches"][0]).loss.backward()
     gate = model.get_input_embeddings().benchmark_gate
     assert gate.grad is not None and torch.isfinite(gate.grad) and gate.grad != 0
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -101,3 +100,47 @@ def test_random_init_needs_only_config_and_tokenizer(tmp_path, capsys):
     assert first["gem"]["peak_mem_bytes"] >= 0  # the memory child loaded the parent's random weights
     assert first["gem"]["total_budget"] == again["gem"]["total_budget"]
     assert first["gem"]["checkpoint_bytes"] == again["gem"]["checkpoint_bytes"]
+
+
+def test_task_batches_are_the_real_padded_training_batches(tmp_path, data_dir, capsys):
+    # --task times the batches run.py would train on: real SST-2 sentences, padded per batch,
+    # the same sequence for every method; the synthetic default is full length.
+    out = tmp_path / "task.json"
+    benchmark.main(["--model", TINY, "--methods", "full,gem", "--steps", "3", "--warmup", "1", "--mem-steps", "1",
+                    "--grad-batches", "1", "--batch-size", "4", "--threads", "1", "--task", "sst2",
+                    "--data-dir", str(data_dir), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "x sst2 training batches (padded to" in printed
+    meta = json.loads(out.read_text())["_meta"]
+    assert meta["task"] == "sst2" and meta["seq_len"] is None
+    lengths = meta["timed_batch_lengths"]
+    assert len(lengths) == 3 and all(3 <= n <= 128 for n in lengths) and max(lengths) < 128
+
+    args = benchmark.parse_args(["--model", TINY, "--batch-size", "4", "--task", "sst2", "--data-dir", str(data_dir),
+                                 "--steps", "3", "--warmup", "1"])
+    from gem.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(benchmark.model_config(TINY))
+    timed = benchmark.timed_batches(args, tokenizer, "encoder")
+    again = benchmark.timed_batches(args, tokenizer, "encoder")
+    grads = benchmark.gradient_batches(args, tokenizer, "encoder")
+    assert [b["input_ids"].shape[1] for b in timed][1:] == lengths
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(timed, again))  # seeded
+    assert set(timed[0]) >= {"input_ids", "attention_mask", "labels"} and timed[0]["labels"].shape == (4,)
+    assert not any(torch.equal(g["input_ids"], t["input_ids"]) for g in grads for t in timed
+                   if g["input_ids"].shape == t["input_ids"].shape)  # the gradient pass sees other batches
+
+
+TINY_DECODER = json.dumps({"name": "tiny-llama", "pretrained": "tiny:llama", "kind": "decoder",
+                           "target_modules": ["q_proj", "v_proj"]})
+
+
+@pytest.mark.parametrize("model, task, message", [
+    (TINY, "sst3", r"--task 'sst3': no conf/task/sst3.yaml; tasks: .*sst2"),
+    (TINY, "stsb", r"--task 'stsb' is a regression task; --task supports classification tasks"),
+    (TINY_DECODER, "sst2", r"--task times encoder models; for a decoder use synthetic batches"),
+])
+def test_task_errors_say_what_to_use(model, task, message, data_dir):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(["--model", model, "--methods", "gem", "--steps", "1", "--warmup", "0", "--no-memory",
+                        "--batch-size", "2", "--threads", "1", "--data-dir", str(data_dir), "--task", task])
