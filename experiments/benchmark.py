@@ -1,6 +1,7 @@
 """Efficiency benchmark: step time, peak memory, optimizer state and checkpoint size per method.
 
-Same model, same synthetic batch, for `full`, `bitfit`, `lora`, `adapter` and `gem`:
+Same model, same batches (synthetic, or a task's real ones with `--task`), for `full`, `bitfit`,
+`lora`, `adapter` and `gem`:
 
 * **step time** (forward + backward + optimizer.step + zero_grad): every method's model
   lives in this one process and the timed steps are interleaved round-robin (the order
@@ -196,17 +197,21 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
             "name": f"{cfg.get('name') or source} (random init)"}
 
 
+_LOADED_TASKS: dict[tuple, Any] = {}
+
+
 def task_batches(args, tokenizer, kind: str, count: int, offset: int = 0) -> list[dict]:
     """`count` real training batches of `args.task`, collated as run.py collates them, starting
     at batch `offset` of one seeded shuffle of the sampled training set (cycled if short)."""
-    from omegaconf import OmegaConf
-
     from gem.data import encoder_collator, load_task
 
     if kind != "encoder":
         raise SystemExit("--task times encoder models; for a decoder use synthetic batches (--seq-len)")
     task_cfg = task_config(args)
-    task = load_task(task_cfg, args.data_dir, args.seed)
+    key = (args.task, args.data_dir, args.seed)
+    if key not in _LOADED_TASKS:  # every method's build asks; read and sample the data once
+        _LOADED_TASKS[key] = load_task(task_cfg, args.data_dir, args.seed)
+    task = _LOADED_TASKS[key]
     order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     collate = encoder_collator(tokenizer, task, int(task_cfg.max_length))
     per_epoch = max(1, len(order) // args.batch_size)

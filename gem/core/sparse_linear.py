@@ -47,9 +47,18 @@ backend offers it (`torch.mm(..., out_dtype=float32)`). Its cost does not grow w
 On an H200 (bf16, SmolLM2-135M at 8 x 1024 tokens, RoBERTa-base, MiniLM) it was no faster
 than the sampled product end to end: the kernel of these sums moved GEM's step by no more
 than run-to-run noise, and GEM's cost over the frozen-model floor there is about LoRA's
-(results/README.md, "GPU"; likely per-module launch overhead, not profiled). So `auto` keeps the sampled
-product wherever the device has it; `set_weight_grad_kernel()`, the environment variable
-GEM_WEIGHT_GRAD_KERNEL, or `experiments/benchmark.py --weight-grad-kernel` force a kernel.
+(results/README.md, "GPU"; likely per-module launch overhead, not profiled). So `auto`
+keeps the sampled product wherever the device has it; `set_weight_grad_kernel()`, the
+environment variable GEM_WEIGHT_GRAD_KERNEL, or `experiments/benchmark.py
+--weight-grad-kernel` force a kernel.
+
+Why overwrite k weight entries before each forward (instead of a hook on the
+optimizer)? It is k writes (cheap), it keeps the forward an ordinary F.linear on a
+dense weight (fast kernels, no sparse-dense add), and it is robust to any
+optimizer, to `load_state_dict` and to `.to()`: whatever changed `delta`, the next
+forward uses it. The write is skipped when nothing changed (tracked with tensor
+version counters) so that a second forward before backward, or activation
+checkpointing's recomputation, does not invalidate tensors saved for backward.
 """
 
 from __future__ import annotations
