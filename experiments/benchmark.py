@@ -37,10 +37,10 @@ Same model, same batches (synthetic, or a task's real ones with `--task`), for `
     python experiments/benchmark.py --model opt-1.3b --init random   # architecture only: no weights needed
 
 `--task sst2 --data-dir ../shared/data` times real training batches instead of synthetic
-full-length ones: the task's sampled training set (seed `--seed`), shuffled, cut into
-`--batch-size` batches and collated exactly as `run.py` does (padded to each batch's longest
-example, cut at the task's max_length); every method steps through the same batches in the
-same order (encoder models, classification tasks). SST-2's batches of 16 are padded to about
+full-length ones: the first training batches of `run.py ... seed=<--seed> batch_size=<--batch-size>`,
+from run.py's own data module (padded to each batch's longest example, cut at the task's
+max_length), and GEM's gradient pass on that run's first training examples; every method steps
+through the same batches in the same order (encoder models, classification tasks). SST-2's batches of 16 are padded to about
 35 tokens, not 128: which of the two a table reports changes the ratios (results/README.md).
 
 `--init random` builds the model from its config (config.json and tokenizer, no weights) with
@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -182,15 +183,16 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
     loading it for classification gives a new head, as a pre-trained checkpoint does."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from gem.models.loading import load_tokenizer
+    from gem.models.loading import _remote_kwargs, load_tokenizer
     from gem.models.packaged import model_kind, resolve_model_source
 
     source, kwargs = resolve_model_source(cfg)
-    remote = {k: kwargs[k] for k in ("trust_remote_code", "revision") if k in kwargs}
-    config = AutoConfig.from_pretrained(source, **remote)
+    config = AutoConfig.from_pretrained(source, **_remote_kwargs(kwargs))  # as load_model reads it
     decoder = model_kind(cfg) == "decoder"
     torch.manual_seed(seed)
-    model = (AutoModelForCausalLM if decoder else AutoModel).from_config(config, **remote)
+    # from_config builds the model: of the loading options only trust_remote_code applies
+    code = {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
+    model = (AutoModelForCausalLM if decoder else AutoModel).from_config(config, **code)
     model.save_pretrained(folder)
     load_tokenizer(cfg).save_pretrained(folder)
     return {**cfg, "pretrained": str(folder), "kind": "decoder" if decoder else "encoder",
@@ -200,10 +202,11 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
 _LOADED_TASKS: dict[tuple, Any] = {}
 
 
-def task_batches(args, tokenizer, kind: str, count: int, offset: int = 0) -> list[dict]:
-    """`count` real training batches of `args.task`, collated as run.py collates them, starting
-    at batch `offset` of one seeded shuffle of the sampled training set (cycled if short)."""
+def task_datamodule(args, tokenizer, kind: str):
+    """run.py's data module for `args.task` (sampled with `--seed`, encoder collation): the
+    benchmark's real batches come from its loaders, not from a copy of their logic."""
     from gem.data import encoder_collator, load_task
+    from gem.lit.datamodule import TaskDataModule
 
     if kind != "encoder":
         raise SystemExit("--task times encoder models; for a decoder use synthetic batches (--seq-len)")
@@ -211,16 +214,20 @@ def task_batches(args, tokenizer, kind: str, count: int, offset: int = 0) -> lis
     key = (args.task, args.data_dir, args.seed)
     if key not in _LOADED_TASKS:  # every method's build asks; read and sample the data once
         _LOADED_TASKS[key] = load_task(task_cfg, args.data_dir, args.seed)
-    task = _LOADED_TASKS[key]
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    collate = encoder_collator(tokenizer, task, int(task_cfg.max_length))
-    per_epoch = max(1, len(order) // args.batch_size)
-    batches = []
-    for i in range(offset, offset + count):
-        start = (i % per_epoch) * args.batch_size
-        batch = collate([task.train[j] for j in order[start:start + args.batch_size]])
-        batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids",
-                                                                   "labels")})
+    collate = encoder_collator(tokenizer, _LOADED_TASKS[key], int(task_cfg.max_length))
+    return TaskDataModule(_LOADED_TASKS[key], collate, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                          seed=args.seed)
+
+
+def task_batches(args, tokenizer, kind: str, count: int) -> list[dict]:
+    """The first `count` training batches of a run with `--seed`, epoch after epoch."""
+    loader = task_datamodule(args, tokenizer, kind).train_dataloader()
+    batches: list[dict] = []
+    for epoch in range(count):  # one batch per epoch at least: `count` epochs always suffice
+        loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        batches += itertools.islice(loader, count - len(batches))
+        if len(batches) == count:
+            return batches
     return batches
 
 
@@ -258,8 +265,9 @@ def timed_batches(args, tokenizer, kind: str) -> list[dict]:
 
 
 def gradient_batches(args, tokenizer, kind: str) -> list[dict]:
-    if args.task:  # GEM's gradient pass sees other training batches than the timed steps
-        return task_batches(args, tokenizer, kind, args.grad_batches, offset=args.warmup + args.steps)
+    if args.task:  # as run.py's gradient pass: the sampled training set's first examples, in order
+        loader = task_datamodule(args, tokenizer, kind).gradient_pass_dataloader(args.grad_batches * args.batch_size)
+        return list(loader)
     return [make_batch(tokenizer, kind, args.batch_size, args.seq_len, args.seed + 1 + i)
             for i in range(args.grad_batches)]
 
