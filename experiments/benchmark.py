@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     # Internal: the memory subprocess.
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--grads-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--masks-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.precision == "bf16" and args.device == "cpu":
@@ -272,9 +272,8 @@ def gradient_batches(args, tokenizer, kind: str) -> list[dict]:
             for i in range(args.grad_batches)]
 
 
-def gem_gradient_pass(args, model, method, tokenizer, kind, device) -> tuple[dict, int, float]:
-    from gem.core.gradient_pass import accumulate_gradients
-
+def gem_select(args, model, method, tokenizer, kind, device):
+    """GEM's selection as run.py makes it (the library's `select_entries`): the wrapped model."""
     batches = [to_device(b, device) for b in gradient_batches(args, tokenizer, kind)]
 
     def loss_fn(m, b):
@@ -282,10 +281,9 @@ def gem_gradient_pass(args, model, method, tokenizer, kind, device) -> tuple[dic
             return m(**b).loss
 
     sync(device)
-    start = time.perf_counter()
-    grads, seen = accumulate_gradients(model, batches, method.target_weights(model), loss_fn=loss_fn)
+    wrapped = method.select(model, batches, loss_fn, seed=args.seed, device=device)
     sync(device)
-    return grads, seen, time.perf_counter() - start
+    return wrapped
 
 
 def backward_floor_method():
@@ -307,30 +305,27 @@ def backward_floor_method():
     return BackwardFloor()
 
 
-def build(args, cfg: dict, name: str, device: torch.device, grads_file: str | None = None) -> dict:
+def build(args, cfg: dict, name: str, device: torch.device, masks_file: str | None = None) -> dict:
     """A fresh model prepared for `name`, its AdamW, and (GEM) the selection timings."""
     from gem.methods import build_method
+    from gem.tuner import gem_modules
 
     torch.manual_seed(args.seed)
     loaded = load(args, cfg, device)
     method = backward_floor_method() if name == "backward_floor" else build_method(name, cfg.get("target_modules"))
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     info: dict[str, Any] = {}
-    if hasattr(method, "select"):  # GEM and the sparse ablations
-        if grads_file:
-            saved = torch.load(grads_file, map_location=device, weights_only=True)
-            grads, seen = saved["grads"], saved["seen"]
+    if getattr(method, "selects_entries", False):  # GEM and the sparse ablations
+        if masks_file:  # a memory subprocess: the entries the timed process selected, no second pass
+            model = method.restore(model, torch.load(masks_file, map_location=device, weights_only=True))
         else:
-            grads, seen, info["gradient_pass_s"] = gem_gradient_pass(args, model, method, loaded.tokenizer,
-                                                                     loaded.kind, device)
-            info["gradient_samples"] = seen
-        start = time.perf_counter()
-        method.select(model, grads, seen, seed=args.seed)
-        sync(device)
-        info["selection_math_s"] = time.perf_counter() - start
+            model = gem_select(args, model, method, loaded.tokenizer, loaded.kind, device)
+            selection = method.selection
+            info.update(gradient_pass_s=selection.gradient_pass_s, selection_math_s=selection.selection_math_s,
+                        gradient_samples=selection.gradient_samples)
+            info["_masks"] = {name.removeprefix("base_model.model."): layer.gem_indices["default"]
+                              for name, layer in gem_modules(model)}
         info["total_budget"] = method.total_budget
-        info["_grads"] = grads
-        info["_seen"] = seen
     model.train()
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.0), lr=args.lr)
     batches = [to_device(b, device) for b in timed_batches(args, loaded.tokenizer, loaded.kind)]
@@ -417,8 +412,8 @@ def _reset_rss_peak() -> bool:
 
 
 def measure_memory(args, cfg: dict, name: str, device: torch.device) -> dict:
-    state = build(args, cfg, name, device, grads_file=args.grads_file)
-    state["info"].pop("_grads", None)
+    state = build(args, cfg, name, device, masks_file=args.masks_file)
+    state["info"].pop("_masks", None)
     gc.collect()
     out: dict[str, Any] = {"method": name}
     if device.type == "cuda":
@@ -450,7 +445,7 @@ def measure_memory(args, cfg: dict, name: str, device: torch.device) -> dict:
     return out
 
 
-def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
+def run_memory_subprocess(args, name: str, masks_file: str | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--single", name, "--model", args.model,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--mem-steps", str(args.mem_steps), "--grad-batches", str(args.grad_batches),
@@ -460,8 +455,8 @@ def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
     if args.task:
         cmd += ["--task", args.task] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     # with --init random, args.model already names the random-init folder the parent saved
-    if grads_file:
-        cmd += ["--grads-file", grads_file]
+    if masks_file:
+        cmd += ["--masks-file", masks_file]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -471,17 +466,17 @@ def run_memory_subprocess(args, name: str, grads_file: str | None) -> dict:
 
 # --- the whole benchmark -------------------------------------------------------------------------------
 
-def time_methods(args, cfg: dict, device: torch.device, grads_dir: str) -> dict[str, dict]:
+def time_methods(args, cfg: dict, device: torch.device, work_dir: str) -> dict[str, dict]:
     results: dict[str, dict] = {}
     states: dict[str, dict] = {}
 
     def setup(name: str) -> dict:
         state = build(args, cfg, name, device)
-        grads = state["info"].pop("_grads", None)
-        if grads is not None:
-            path = os.path.join(grads_dir, f"{name}_grads.pt")
-            torch.save({"grads": {k: v.cpu() for k, v in grads.items()}, "seen": state["info"]["_seen"]}, path)
-            state["grads_file"] = path
+        masks = state["info"].pop("_masks", None)
+        if masks is not None:
+            path = os.path.join(work_dir, f"{name}_masks.pt")
+            torch.save({k: v.cpu() for k, v in masks.items()}, path)
+            state["masks_file"] = path
         return state
 
     def finish(name: str, state: dict, times: list[float]) -> None:
@@ -490,8 +485,8 @@ def time_methods(args, cfg: dict, device: torch.device, grads_dir: str) -> dict[
         batches = state["batches"]
         results[name]["_timed_lengths"] = [int(batches[i % len(batches)]["input_ids"].shape[-1])
                                            for i in range(args.warmup, args.warmup + len(times))]
-        if "grads_file" in state:
-            results[name]["_grads_file"] = state["grads_file"]
+        if "masks_file" in state:
+            results[name]["_masks_file"] = state["masks_file"]
 
     if args.timing == "interleaved":
         for name in args.methods:
@@ -617,19 +612,19 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
     wall = time.perf_counter()
-    with tempfile.TemporaryDirectory() as grads_dir:
+    with tempfile.TemporaryDirectory() as work_dir:
         if args.init == "random":
-            cfg = random_init_folder(cfg, Path(grads_dir) / "random_init", args.seed)
+            cfg = random_init_folder(cfg, Path(work_dir) / "random_init", args.seed)
             args.model = json.dumps(cfg)  # the memory subprocesses load the same weights
-        results = time_methods(args, cfg, device, grads_dir)
+        results = time_methods(args, cfg, device, work_dir)
         if not args.no_memory:
             for name in args.methods:
-                mem = run_memory_subprocess(args, name, results[name].get("_grads_file"))
+                mem = run_memory_subprocess(args, name, results[name].get("_masks_file"))
                 mem.pop("method", None)
                 results[name].update(mem)
     lengths = []
     for r in results.values():
-        r.pop("_grads_file", None)
+        r.pop("_masks_file", None)
         lengths = r.pop("_timed_lengths", lengths)  # the same for every method
     wall = time.perf_counter() - wall
 

@@ -45,7 +45,7 @@ def load_trained(run_dir: str | Path):
     targets = cfg.method.get("target_modules") or cfg.model.target_modules
     method = build_method(cfg.method.name, targets, **method_options(cfg.method))
     model = method.prepare(loaded.model, loaded.head_parameter_names)
-    method.load(model, checkpoint)
+    model = method.load(model, checkpoint)
     return model, loaded.tokenizer, method, record
 
 

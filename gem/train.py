@@ -26,6 +26,7 @@ from gem.lit.datamodule import TaskDataModule, check_eval_order
 from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.lit.resume import ResumeCheckpoint
+from gem.lit.sparse_selection import SparseSelection
 from gem.methods import build_method
 from gem.models import load_model
 from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
@@ -243,6 +244,13 @@ def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str
     return str(path)
 
 
+def method_callbacks(method, datamodule, **context) -> list:
+    """The Lightning callbacks a method needs: GEM and its ablations select their entries with data."""
+    if getattr(method, "selects_entries", False):
+        return [SparseSelection(method, datamodule, **context)]
+    return []
+
+
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -> str:
     L.seed_everything(int(cfg.seed), workers=True)
     logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
@@ -278,7 +286,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers),
                                 eval_order=eval_order)
     ckpt_path = _resolve_ckpt_path(cfg, run_dir, record)
-    callbacks = method.callbacks(datamodule=datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed),
+    callbacks = method_callbacks(method, datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed),
                                  resume_from=ckpt_path)
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []
@@ -297,6 +305,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
             trainer.validate(module, datamodule=datamodule, verbose=False)
     with record.phase("test"):
         trainer.test(module, datamodule=datamodule, verbose=False)
+    model = module.model  # the selection may have wrapped it (GEM: a PEFT model)
 
     total = loaded.num_parameters
     tuned = method.tuned_count(model)

@@ -10,6 +10,7 @@ Everything runs offline (HF_HUB_OFFLINE=1), on the CPU, with tiny models and sub
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,19 +89,28 @@ class TrainEndProbe(L.Callback):
     optimizer, optimizer-state sizes, the sparse masks, and a CPU copy of the model."""
 
     def on_train_end(self, trainer, pl_module):
-        from gem.core.sparse_linear import materialize, sparse_modules
+        from gem.tuner import gem_modules
 
         model = pl_module.model
-        materialize(model)
+        for _, layer in gem_modules(model):
+            layer.materialize()
         optimizer = trainer.optimizers[0]
-        by_id = {id(p): n for n, p in model.named_parameters()}
+        by_id = {id(p): plain_name(n) for n, p in model.named_parameters()}
         self.optimized = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
         self.state_numel = {by_id[id(p)]: sum(t.numel() for k, t in state.items() if k != "step")
                             for p, state in optimizer.state.items()}
         self.state_keys = {k for state in optimizer.state.values() for k in state}
-        self.masks = {name: module.indices.detach().cpu().clone() for name, module in sparse_modules(model)}
-        self.params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-        self.head = {n for n in self.params if pl_module.method._is_head(n)}
+        self.masks = {name.removeprefix("base_model.model."): layer.gem_indices["default"].detach().cpu().clone()
+                      for name, layer in gem_modules(model)}
+        self.params = {plain_name(n): p.detach().cpu().clone() for n, p in model.named_parameters()
+                       if ".original_module." not in n}
+        self.head = {plain_name(n) for n, _ in model.named_parameters() if pl_module.method._is_head(n)}
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain base model (PEFT's wrappers taken out; GEM's deltas keep theirs)."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
 
 
 def run_in_process(overrides: Iterable[str], output_dir: Path, extra_callbacks: list | None = None) -> dict:
@@ -114,15 +124,9 @@ def run_in_process(overrides: Iterable[str], output_dir: Path, extra_callbacks: 
     with pytest.MonkeyPatch.context() as mp:
         offline_env(mp)
         if extra_callbacks:
-            build = gem.train.build_method
-
-            def build_with_callbacks(*args, **kwargs):
-                method = build(*args, **kwargs)
-                own = method.callbacks
-                method.callbacks = lambda **context: [*own(**context), *extra_callbacks]
-                return method
-
-            mp.setattr(gem.train, "build_method", build_with_callbacks)
+            own = gem.train.method_callbacks
+            mp.setattr(gem.train, "method_callbacks",
+                       lambda *args, **context: [*own(*args, **context), *extra_callbacks])
         cfg = compose(overrides, output_dir)
         return run(cfg)
 

@@ -106,9 +106,9 @@ def test_unknown_eval_order_fails_before_loading(tmp_path, data_dir, monkeypatch
 
 # --------------------------------------------------------------------------- method settings
 @pytest.mark.parametrize("override,patterns", [
-    ("method.density=0", [r"method\.density=0 is impossible", r"must lie in \(0, 1\)"]),
-    ("method.density=1.5", [r"method\.density=1\.5 is impossible", r"must lie in \(0, 1\)"]),
-    ("method.num_grad_samples=0", [r"method\.num_grad_samples=0", r"set it to at least 1"]),
+    ("method.density=0", [r"density=0 \(method\.density\) is impossible", r"must lie in \(0, 1\)"]),
+    ("method.density=1.5", [r"density=1\.5 \(method\.density\) is impossible", r"must lie in \(0, 1\)"]),
+    ("method.num_grad_samples=0", [r"num_grad_samples=0 \(method\.num_grad_samples\)", r"set it to at least 1"]),
 ])
 def test_impossible_gem_settings(override, patterns, tmp_path, data_dir):
     from gem.methods import MethodError
@@ -133,7 +133,7 @@ def test_nan_gradients_leave_no_usable_signal():
     """A loss that turns NaN in the gradient pass: every matrix is excluded, so selection refuses."""
     import torch
 
-    from gem.core.gradient_pass import accumulate_gradients, training_loss
+    from gem.core.gradient_pass import training_loss
     from gem.methods import build_method
     from gem.models.tiny import tiny_bert
 
@@ -142,11 +142,8 @@ def test_nan_gradients_leave_no_usable_signal():
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     ids = torch.randint(1000, 2000, (4, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
-    grads, seen = accumulate_gradients(model, [batch], method.target_weights(model),
-                                       loss_fn=lambda m, b: training_loss(m, b) * float("nan"))
-    assert seen == 4 and all(torch.isnan(g).all() for g in grads.values())
     with pytest.raises(ValueError, match=r"no usable signal.*NaN/inf gradients.*check the loss"):
-        method.select(model, grads, seen)
+        method.select(model, [batch], lambda m, b: training_loss(m, b) * float("nan"))
     assert not method.selected
 
 
@@ -208,19 +205,18 @@ def test_max_length_beyond_the_model_is_clamped_with_a_note(tmp_path, caplog):
 # --------------------------------------------------------------------------- checkpoints
 @pytest.fixture
 def sparse_checkpoint(tmp_path):
-    """A sparse-mask checkpoint (random_mask needs no gradient pass) of tiny-bert seed 0, and a loader."""
+    """A sparse-mask checkpoint (random scores need no gradient pass) of tiny-bert seed 0, and a loader."""
     from gem.methods import build_method
     from gem.models.tiny import tiny_bert
 
     loaded = tiny_bert()
-    method = build_method("random_mask", ["query", "value"], density=0.001)
-    model = method.prepare(loaded.model, loaded.head_parameter_names)
-    method.select(model, seed=0)
+    method = build_method("gem", ["query", "value"], density=0.001, score="random", budget="uniform")
+    model = method.select(method.prepare(loaded.model, loaded.head_parameter_names), seed=0)
     directory = method.save(model, tmp_path / "checkpoint", extra_config={"base_model": "tiny:bert"})
 
     def load_into_fresh(seed: int = 0):
         fresh_loaded = tiny_bert(seed=seed)
-        fresh = build_method("random_mask", ["query", "value"], density=0.001)
+        fresh = build_method("gem", ["query", "value"], density=0.001, score="random", budget="uniform")
         fresh.load(fresh.prepare(fresh_loaded.model, fresh_loaded.head_parameter_names), directory)
         return fresh
 
@@ -233,23 +229,18 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_truncated_sparse_delta_is_a_clear_error(sparse_checkpoint):
-    from gem.core.delta import DeltaError
+def test_truncated_adapter_is_a_clear_error(sparse_checkpoint):
+    from gem.methods import MethodError
 
     directory, load_into_fresh = sparse_checkpoint
-    truncate(directory / "delta" / "sparse_delta.safetensors")
-    with pytest.raises(DeltaError, match=r"sparse_delta\.safetensors is corrupt.*truncated.*copy the checkpoint"):
+    truncate(directory / "adapter_model.safetensors")
+    with pytest.raises(MethodError, match=r"adapter_model\.safetensors is corrupt or truncated.*copy it again"):
         load_into_fresh()
 
 
-def test_truncated_head_or_trained_file_is_a_clear_error(sparse_checkpoint, tmp_path):
+def test_truncated_trained_file_is_a_clear_error(tmp_path):
     from gem.methods import MethodError, build_method
     from gem.models.tiny import tiny_bert
-
-    directory, load_into_fresh = sparse_checkpoint
-    truncate(directory / "head.safetensors")
-    with pytest.raises(MethodError, match=r"head\.safetensors is corrupt or truncated.*copy it again"):
-        load_into_fresh()
 
     loaded = tiny_bert()
     bitfit = build_method("bitfit", ["query", "value"])
@@ -261,11 +252,11 @@ def test_truncated_head_or_trained_file_is_a_clear_error(sparse_checkpoint, tmp_
 
 
 def test_delta_for_another_base_model_is_rejected(sparse_checkpoint):
-    from gem.core.delta import DeltaError
+    from gem.methods import MethodError
 
     _, load_into_fresh = sparse_checkpoint
     # tiny-bert with model.seed=1 has the same architecture and different pre-trained weights.
-    with pytest.raises(DeltaError, match=r"made for base model 'tiny:bert' with fingerprint.*load the base model named"):
+    with pytest.raises(MethodError, match=r"trained on base model 'tiny:bert' with fingerprint.*Load the base model"):
         load_into_fresh(seed=1)
 
 
@@ -337,7 +328,7 @@ def test_a_completed_run_folder_is_never_overwritten_by_mistake(tmp_path, data_d
     assert (out / "results.json").read_bytes() == before
     # overwrite=true with settings that fail a check: refused before anything is removed
     for bad, error in [("method.density=2", "MethodError"), ("optim.lr=abc", "RunSetupError")]:
-        with pytest.raises(Exception, match=r"density=2 is impossible|optim\.lr='abc'") as caught:
+        with pytest.raises(Exception, match=r"density=2 \(method\.density\) is impossible|optim\.lr='abc'") as caught:
             run_in_process(tiny(data_dir, "method=gem", "overwrite=true", bad), out)
         assert type(caught.value).__name__ == error
         assert (out / "results.json").read_bytes() == before and (out / "checkpoint").is_dir()

@@ -54,7 +54,8 @@ def test_targets_follow_the_layer_order_past_ten_layers():
     config = BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=12, num_attention_heads=2,
                         intermediate_size=16, max_position_embeddings=16)
     method = build_method("gem", ["query", "value"])
-    method.prepare(BertForSequenceClassification(config), ["classifier.weight", "classifier.bias"])
-    layers = [int(name.split(".")[3]) for name in method.targets]
+    model = method.prepare(BertForSequenceClassification(config), ["classifier.weight", "classifier.bias"])
+    targets = list(method.target_weights(model))
+    layers = [int(name.split(".")[3]) for name in targets]
     assert layers == sorted(layers) and layers[:4] == [0, 0, 1, 1] and len(layers) == 24
-    assert method.targets[:2] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
+    assert targets[:2] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]

@@ -1,4 +1,8 @@
-"""SparseDeltaLinear: exact sparse gradients, k-sized optimizer state, frozen entries bit-exact."""
+"""GemLinear and its kernels: exact sparse gradients, k-sized optimizer state, frozen entries bit-exact.
+
+Layers are built directly (`GemLinear(linear, "default", indices)`) or through the PEFT tuner
+with hand-made indices (`wrap`), the way `select_entries` hands them over.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,11 @@ import copy
 
 import pytest
 import torch
+from peft import get_peft_model
 from torch import nn
 
-from gem.core.sparse_linear import (
-    SparseDeltaLinear,
-    inject_sparse_deltas,
-    materialize,
-    remove_sparse_deltas,
-    sddmm_supported,
-    selection_pattern,
-    sparse_modules,
-    sparse_weight_grad,
-)
+from gem.core.sparse_linear import sddmm_supported, selection_pattern, sparse_weight_grad
+from gem.tuner import GemConfig, GemLinear, gem_modules
 
 
 def random_indices(linear: nn.Linear, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,13 +41,18 @@ def targets(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
 
 
-def inject_random(model: nn.Module, names: list[str], k: int, **options) -> dict[str, SparseDeltaLinear]:
+def wrap(model: nn.Module, indices: dict[str, torch.Tensor], **options):
+    """The model wrapped by the GEM tuner with these entries selected (as select_entries leaves a config)."""
+    config = GemConfig(target_modules=list(indices), budgets={n: len(i) for n, i in indices.items()},
+                       indices=dict(indices), **options)
+    return get_peft_model(model, config)
+
+
+def inject_random(model: nn.Module, names: list[str], k: int, **options):
     gen = torch.Generator().manual_seed(1)
     modules = dict(model.named_modules())
-    chosen = {n: random_indices(modules[n], k, gen) for n in names}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return inject_sparse_deltas(model, chosen, **options)
+    wrapped = wrap(model, {n: random_indices(modules[n], k, gen) for n in names}, **options)
+    return wrapped, {n.removeprefix("base_model.model."): m for n, m in gem_modules(wrapped)}
 
 
 def dense_reference_grads(reference: nn.Module, names: list[str], loss_fn) -> dict[str, torch.Tensor]:
@@ -64,6 +66,14 @@ def dense_reference_grads(reference: nn.Module, names: list[str], loss_fn) -> di
     return {n: modules[n].weight.grad.detach().clone() for n in names}
 
 
+def delta(layer: GemLinear) -> torch.Tensor:
+    return layer.gem_delta["default"]
+
+
+def indices(layer: GemLinear) -> torch.Tensor:
+    return layer.gem_indices["default"]
+
+
 # --- the gradient itself ---------------------------------------------------------------------
 
 
@@ -73,7 +83,8 @@ def test_delta_grad_equals_dense_grad_gathered(shape):
     linear = nn.Linear(12, 9)
     reference = copy.deepcopy(linear)
     idx = random_indices(linear, 20, torch.Generator().manual_seed(0))
-    module = SparseDeltaLinear(linear, idx, train_bias=True)
+    module = GemLinear(linear, "default", idx)
+    module.bias.requires_grad_(True)
     x = torch.randn(*shape, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     target = torch.randn(*shape[:-1], 9)
@@ -82,7 +93,7 @@ def test_delta_grad_equals_dense_grad_gathered(shape):
     ((reference(x_ref) - target) ** 2).sum().backward()
 
     assert module.weight.grad is None  # the dense gradient is never formed
-    torch.testing.assert_close(module.delta.grad, reference.weight.grad.view(-1)[idx])
+    torch.testing.assert_close(delta(module).grad, reference.weight.grad.view(-1)[idx])
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(module.bias.grad, reference.bias.grad)
 
@@ -125,7 +136,7 @@ def test_every_weight_grad_kernel_gives_the_same_entries(kernel):
     linear = nn.Linear(12, 9)
     reference = copy.deepcopy(linear)
     idx = random_indices(linear, 20, torch.Generator().manual_seed(0))
-    module = SparseDeltaLinear(linear, idx)
+    module = GemLinear(linear, "default", idx)
     x = torch.randn(3, 5, 12)
     assert weight_grad_kernel(torch.device("cpu")) == "sddmm"  # the CPU default
     set_weight_grad_kernel(kernel)
@@ -136,8 +147,8 @@ def test_every_weight_grad_kernel_gives_the_same_entries(kernel):
         set_weight_grad_kernel("auto")
     reference.weight.requires_grad_(True)
     reference(x).pow(2).sum().backward()
-    assert module.weight.grad is None and module.delta.grad.dtype == torch.float32
-    torch.testing.assert_close(module.delta.grad, reference.weight.grad.view(-1)[idx])
+    assert module.weight.grad is None and delta(module).grad.dtype == torch.float32
+    torch.testing.assert_close(delta(module).grad, reference.weight.grad.view(-1)[idx])
 
 
 def test_unknown_weight_grad_kernel_is_a_clear_error(monkeypatch):
@@ -155,24 +166,24 @@ def test_unknown_weight_grad_kernel_is_a_clear_error(monkeypatch):
 def test_pattern_follows_loaded_indices_and_survives_copies():
     gen = torch.Generator().manual_seed(3)
     linear = nn.Linear(8, 6)
-    module = SparseDeltaLinear(linear, random_indices(linear, 7, gen))
-    other = SparseDeltaLinear(nn.Linear(8, 6), random_indices(linear, 7, gen))
+    module = GemLinear(linear, "default", random_indices(linear, 7, gen))
+    other = GemLinear(nn.Linear(8, 6), "default", random_indices(linear, 7, gen))
     module(torch.randn(2, 8)).sum().backward()  # builds and caches the pattern
     module.load_state_dict(other.state_dict())
-    assert torch.equal(module.selection_pattern().col_indices(), other.cols)
+    assert torch.equal(module.selection_pattern("default").col_indices(), other.rows_cols("default")[1])
     clone = copy.deepcopy(module)
     x = torch.randn(3, 8)
     clone(x).sum().backward()
     other(x).sum().backward()
-    torch.testing.assert_close(clone.delta.grad, other.delta.grad)
+    torch.testing.assert_close(delta(clone).grad, delta(other).grad)
 
 
 def test_bias_frozen_by_default_and_no_grad_for_it():
-    linear = nn.Linear(4, 3)
-    module = SparseDeltaLinear(linear, torch.tensor([0, 5]))
-    module(torch.randn(2, 4)).sum().backward()
-    assert module.bias.grad is None and module.delta.grad is not None
-    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["delta"]
+    model = wrap(nn.Sequential(nn.Linear(4, 3)), {"0": torch.tensor([0, 5])})
+    model(torch.randn(2, 4)).sum().backward()
+    layer = dict(gem_modules(model))["base_model.model.0"]
+    assert layer.bias.grad is None and delta(layer).grad is not None
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["base_model.model.0.gem_delta.default"]
 
 
 # --- training with AdamW ------------------------------------------------------------------------
@@ -188,45 +199,47 @@ def run_adamw(model: nn.Module, loss_fn, steps: int = 4) -> torch.optim.Optimize
     return optimizer
 
 
-def assert_sparse_training_invariants(model, original, modules, optimizer):
-    total_k = sum(m.num_selected for m in modules.values())
+def assert_sparse_training_invariants(model, original, layers, optimizer):
+    total_k = sum(indices(m).numel() for m in layers.values())
     state_numel = sum(s[key].numel() for s in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq"))
     assert state_numel == 2 * total_k  # (a)
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(m.delta) for m in modules.values()}
-    materialize(model)  # the weight is rewritten at each forward; the last step is not yet in it
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(delta(m)) for m in layers.values()}
     original_modules = dict(original.named_modules())
-    for name, module in modules.items():
+    for layer in layers.values():
+        layer.materialize()  # the weight is rewritten at each forward; the last step is not yet in it
+    for name, layer in layers.items():
         w0 = original_modules[name].weight.detach().view(-1)
-        w = module.weight.detach().view(-1)
+        w = layer.weight.detach().view(-1)
+        idx = indices(layer)
         unselected = torch.ones_like(w, dtype=torch.bool)
-        unselected[module.indices] = False
+        unselected[idx] = False
         assert torch.equal(w[unselected], w0[unselected])  # (b) bit-identical
-        assert not torch.equal(w[module.indices], w0[module.indices])  # (c)
-        assert torch.equal(w[module.indices], (w0[module.indices].float() + module.delta.float()).to(w.dtype))
-        assert torch.equal(module.base_values, w0[module.indices])
+        assert not torch.equal(w[idx], w0[idx])  # (c)
+        assert torch.equal(w[idx], (w0[idx].float() + delta(layer).float()).to(w.dtype))
+        assert torch.equal(layer.gem_base_values["default"], w0[idx])
     # the frozen rest of the model is untouched as well
-    trained_state = model.state_dict()
+    trained = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+               for k, v in model.state_dict().items()}
     for n, p0 in original.state_dict().items():
-        if not any(n.startswith(name + ".") for name in modules):
-            assert torch.equal(trained_state[n], p0), n
+        if not any(n.startswith(name + ".") for name in layers):
+            assert torch.equal(trained[n], p0), n
 
 
 def test_mlp_adamw_state_and_frozen_entries():
     model, x, y = mlp(), torch.randn(6, 12), torch.randn(6, 5)
     original = copy.deepcopy(model)
-    modules = inject_random(model, ["0", "2"], k=10)
+    model, layers = inject_random(model, ["0", "2"], k=10)
     loss_fn = lambda m: ((m(x) - y) ** 2).mean()  # noqa: E731
     optimizer = run_adamw(model, loss_fn)
-    assert_sparse_training_invariants(model, original, modules, optimizer)
+    assert_sparse_training_invariants(model, original, layers, optimizer)
 
-    # (d) after training: the delta gradient equals the dense gradient of a plain copy
-    reference = copy.deepcopy(model)
-    remove_sparse_deltas(reference)
+    # (d) after training: the delta gradient equals the dense gradient of a plain merged copy
+    reference = copy.deepcopy(model).merge_and_unload()
     dense = dense_reference_grads(reference, ["0", "2"], loss_fn)
     model.zero_grad()
     loss_fn(model).backward()
-    for name, module in modules.items():
-        torch.testing.assert_close(module.delta.grad, dense[name].view(-1)[module.indices])
+    for name, layer in layers.items():
+        torch.testing.assert_close(delta(layer).grad, dense[name].view(-1)[indices(layer)])
 
 
 def test_tiny_bert_query_value_adamw():
@@ -234,22 +247,21 @@ def test_tiny_bert_query_value_adamw():
     original = copy.deepcopy(model)
     names = targets(model, ("query", "value"))
     assert len(names) == 4
-    modules = inject_random(model, names, k=25)
+    model, layers = inject_random(model, names, k=25)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
     loss_fn = lambda m: m(input_ids=ids).last_hidden_state.pow(2).mean()  # noqa: E731
     optimizer = run_adamw(model, loss_fn, steps=3)
-    assert_sparse_training_invariants(model, original, modules, optimizer)
+    assert_sparse_training_invariants(model, original, layers, optimizer)
 
-    reference = copy.deepcopy(model)
-    remove_sparse_deltas(reference)
+    reference = copy.deepcopy(model).merge_and_unload()
     dense = dense_reference_grads(reference, names, loss_fn)
     model.zero_grad()
     loss_fn(model).backward()
-    for name, module in modules.items():
-        torch.testing.assert_close(module.delta.grad, dense[name].view(-1)[module.indices])
+    for name, layer in layers.items():
+        torch.testing.assert_close(delta(layer).grad, dense[name].view(-1)[indices(layer)])
     keys = model.state_dict().keys()
-    assert "encoder.layer.0.attention.self.query.weight" in keys
-    assert "encoder.layer.0.attention.self.query.delta" in keys
+    assert "base_model.model.encoder.layer.0.attention.self.query.base_layer.weight" in keys
+    assert "base_model.model.encoder.layer.0.attention.self.query.gem_delta.default" in keys
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -258,27 +270,45 @@ def test_half_precision_model_and_cpu_autocast(dtype):
     linear = nn.Linear(16, 8).to(dtype)
     reference = copy.deepcopy(linear).float()
     idx = random_indices(linear, 30, torch.Generator().manual_seed(0))
-    module = SparseDeltaLinear(linear, idx)
+    module = GemLinear(linear, "default", idx)
     x = torch.randn(4, 3, 16).to(dtype)
     out = module(x)
     assert out.dtype == dtype
     out.float().pow(2).sum().backward()
-    assert module.delta.dtype == torch.float32 and module.delta.grad.dtype == torch.float32
+    assert delta(module).dtype == torch.float32 and delta(module).grad.dtype == torch.float32
     reference.weight.requires_grad_(True)
     reference(x.float()).pow(2).sum().backward()
-    torch.testing.assert_close(module.delta.grad, reference.weight.grad.view(-1)[idx], rtol=3e-2, atol=3e-2)
-    torch.optim.AdamW([module.delta], lr=1e-2, weight_decay=0.1).step()
-    module(x)  # writes the bf16-rounded new values
-    assert not torch.equal(module.weight.view(-1)[idx], module.base_values)
+    torch.testing.assert_close(delta(module).grad, reference.weight.grad.view(-1)[idx], rtol=3e-2, atol=3e-2)
+    torch.optim.AdamW([delta(module)], lr=1e-2, weight_decay=0.1).step()
+    module(x)  # writes the half-precision-rounded new values
+    assert not torch.equal(module.weight.view(-1)[idx], module.gem_base_values["default"])
 
     # fp32 weights under CPU autocast: bf16 forward, fp32 gradients
-    fp32 = SparseDeltaLinear(nn.Linear(16, 8), idx)
+    fp32 = GemLinear(nn.Linear(16, 8), "default", idx)
     x32 = torch.randn(5, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fp32(x32)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert x32.grad.dtype == torch.float32 and fp32.delta.grad.dtype == torch.float32
+    assert x32.grad.dtype == torch.float32 and delta(fp32).grad.dtype == torch.float32
+
+
+def test_conv1d_layer_matches_its_dense_gradient():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(7, 5)  # weight [in=5, out=7]
+    reference = copy.deepcopy(conv)
+    idx = random_indices(conv, 9, torch.Generator().manual_seed(2))
+    layer = GemLinear(conv, "default", idx)
+    assert layer.transposed and (layer.in_features, layer.out_features) == (5, 7)
+    x = torch.randn(2, 3, 5)
+    out = layer(x)
+    torch.testing.assert_close(out, reference(x))
+    out.pow(2).sum().backward()
+    reference.weight.requires_grad_(True)
+    reference(x).pow(2).sum().backward()
+    torch.testing.assert_close(delta(layer).grad, reference.weight.grad.view(-1)[idx])
 
 
 # --- options, helpers, errors ------------------------------------------------------------------------
@@ -288,67 +318,76 @@ def test_init_w0_starts_at_twice_w0():
     linear = nn.Linear(6, 4)
     w0 = linear.weight.detach().clone().view(-1)
     idx = torch.tensor([1, 7, 20])
-    module = SparseDeltaLinear(linear, idx, init="w0")
+    module = GemLinear(linear, "default", idx, delta_init="w0")
     module(torch.randn(1, 6))
     torch.testing.assert_close(module.weight.view(-1)[idx], 2 * w0[idx])
     torch.testing.assert_close(module.base_weight(), w0.view(4, 6))
 
 
-def test_state_dict_round_trip_and_remove():
+def test_state_dict_round_trip_and_unload():
     model, x = mlp(), torch.randn(3, 12)
     base = copy.deepcopy(model)
-    modules = inject_random(model, ["0", "2"], k=8)
+    w0 = base[0].weight.detach().clone()
+    model, layers = inject_random(model, ["0", "2"], k=8)
     with torch.no_grad():
-        for m in modules.values():
-            m.delta.normal_()
+        for layer in layers.values():
+            delta(layer).normal_()
     expected = model(x)
-    fresh = copy.deepcopy(base)
-    inject_random(fresh, ["0", "2"], k=8)
+    fresh, _ = inject_random(copy.deepcopy(base), ["0", "2"], k=8)
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh(x), expected)
-    assert [n for n, _ in sparse_modules(model)] == ["0", "2"]
+    with fresh.disable_adapter():
+        assert torch.equal(fresh(x), base(x))  # the base model's outputs, bit for bit
+    assert torch.equal(fresh(x), expected)
+    assert sorted(layers) == ["0", "2"]
 
-    materialize(model)
-    restored = remove_sparse_deltas(model)
-    assert set(restored) == {"0", "2"} and type(model[0]) is nn.Linear
-    assert not model[0].weight.requires_grad  # flags as at injection (inject_random froze them)
-
-    plain = mlp()
-    inject_sparse_deltas(plain, {"0": torch.tensor([1, 2])})
-    assert not plain[0].weight.requires_grad
-    remove_sparse_deltas(plain)
-    assert plain[0].weight.requires_grad and plain[0].bias.requires_grad
-    assert torch.equal(model(x), expected)
+    unloaded = model.unload()  # the plain base model: W0 again
+    assert type(unloaded[0]) is nn.Linear and torch.equal(unloaded[0].weight, w0)
+    assert torch.equal(unloaded(x), base(x))
+    merged = fresh.merge_and_unload()  # W0 + delta folded in
+    assert type(merged[0]) is nn.Linear and torch.equal(merged(x), expected)
 
 
 def test_two_forwards_before_backward_do_not_break_autograd():
-    module = SparseDeltaLinear(nn.Linear(4, 3), torch.tensor([0, 3, 9]))
+    module = GemLinear(nn.Linear(4, 3), "default", torch.tensor([0, 3, 9]))
     x = torch.randn(2, 4)
     loss = module(x).sum() + module(x).sum()
     loss.backward()
-    assert module.delta.grad is not None
+    assert delta(module).grad is not None
 
 
 @pytest.mark.parametrize(
     "indices_by_name, message",
     [
-        ({"nope": torch.tensor([0])}, "no module named 'nope'"),
-        ({"1": torch.tensor([0])}, "'1' is a GELU, not an nn.Linear"),
         ({"0": torch.tensor([0, 12 * 16])}, "out of range"),
         ({"0": torch.tensor([3, 1, 3])}, "not unique"),
         ({"0": torch.tensor([0.5])}, "integer tensor"),
     ],
 )
-def test_inject_errors_name_the_module(indices_by_name, message):
+def test_bad_indices_name_the_problem(indices_by_name, message):
     model = mlp()
     with pytest.raises(ValueError, match=message):
-        inject_sparse_deltas(model, indices_by_name)
-    assert type(model[0]) is nn.Linear  # nothing replaced
+        wrap(model, indices_by_name)
 
 
-def test_inject_sorts_and_rejects_double_injection():
-    model = mlp()
-    modules = inject_sparse_deltas(model, {"0": torch.tensor([9, 2, 5])})
-    assert modules["0"].indices.tolist() == [2, 5, 9]
-    with pytest.raises(ValueError, match="already has a sparse delta"):
-        inject_sparse_deltas(model, {"0": torch.tensor([1])})
+def test_indices_are_sorted_and_a_second_adapter_switches():
+    model, x = mlp(), torch.randn(3, 12)
+    base_out = model(x).detach()
+    wrapped = wrap(model, {"0": torch.tensor([9, 2, 5])})
+    layer = dict(gem_modules(wrapped))["base_model.model.0"]
+    assert indices(layer).tolist() == [2, 5, 9]
+    with torch.no_grad():
+        delta(layer).fill_(0.5)
+    first = wrapped(x).detach()
+    second = GemConfig(target_modules=["0"], budgets={"0": 2}, indices={"0": torch.tensor([2, 40])})
+    wrapped.add_adapter("other", second)
+    with torch.no_grad():
+        layer.gem_delta["other"].fill_(-1.0)
+    assert torch.equal(wrapped(x), first)  # still the first adapter
+    wrapped.set_adapter("other")
+    other = wrapped(x).detach()
+    assert not torch.equal(other, first) and not torch.equal(other, base_out)
+    wrapped.set_adapter("default")
+    assert torch.equal(wrapped(x), first)
+    with wrapped.disable_adapter():
+        assert torch.equal(wrapped(x), base_out)

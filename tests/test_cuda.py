@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from gem.core.sparse_linear import SparseDeltaLinear, sddmm_supported, selection_pattern, sparse_weight_grad
+from gem.core.sparse_linear import sddmm_supported, selection_pattern, sparse_weight_grad
+from gem.tuner import GemLinear, gem_modules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 CUDA = torch.device("cuda")
@@ -68,7 +69,8 @@ def test_delta_grad_under_cuda_autocast(dtype):
     linear = nn.Linear(64, 48).to(CUDA)
     reference = copy.deepcopy(linear)
     idx = torch.sort(torch.randperm(64 * 48)[:100]).values
-    module = SparseDeltaLinear(linear, idx)
+    module = GemLinear(linear, "default", idx)
+    delta = module.gem_delta["default"]
     x = torch.randn(4, 20, 64, device=CUDA)
     with torch.autocast("cuda", dtype=dtype):
         y = module(x)
@@ -76,9 +78,9 @@ def test_delta_grad_under_cuda_autocast(dtype):
     assert y.dtype == dtype
     y.float().pow(2).sum().backward()
     y_ref.float().pow(2).sum().backward()
-    assert module.weight.grad is None and module.delta.grad.dtype == torch.float32
+    assert module.weight.grad is None and delta.grad.dtype == torch.float32
     want = reference.weight.grad.view(-1)[idx.to(CUDA)]
-    torch.testing.assert_close(module.delta.grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    torch.testing.assert_close(delta.grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 def _bert_classifier():
@@ -93,8 +95,6 @@ def _bert_classifier():
 def test_gem_selection_and_fp16_gradscaler_training_on_cuda():
     # The paper's protocol trains in fp16 with a gradient scaler, which only a GPU exercises:
     # scaled sparse gradients, unscale, skipped steps on overflow, AdamW on K entries.
-    from gem.core.gradient_pass import accumulate_gradients, training_loss
-    from gem.core.sparse_linear import materialize, sparse_modules
     from gem.methods import build_method
 
     model = _bert_classifier().to(CUDA)
@@ -104,11 +104,10 @@ def test_gem_selection_and_fp16_gradscaler_training_on_cuda():
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(5, 120, (8, 24), generator=gen).to(CUDA),
                 "labels": torch.randint(0, 2, (8,), generator=gen).to(CUDA)} for _ in range(2)]
-    grads, seen = accumulate_gradients(model, batches, method.target_weights(model), loss_fn=training_loss)
-    assert seen == 16 and all(g.device.type == "cuda" and torch.isfinite(g).all() for g in grads.values())
-    method.select(model, grads, seen, seed=0)
-    modules = dict(sparse_modules(model))
-    k = sum(m.num_selected for m in modules.values())
+    model = method.select(model, batches, seed=0)
+    assert method.selection.gradient_samples == 16
+    layers = {n.removeprefix("base_model.model."): m for n, m in gem_modules(model)}
+    k = sum(m.gem_indices["default"].numel() for m in layers.values())
     assert k == method.tuned_count(model) > 0
 
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.01), lr=1e-2)
@@ -122,22 +121,24 @@ def test_gem_selection_and_fp16_gradscaler_training_on_cuda():
         scaler.step(optimizer)
         scaler.update()
     assert torch.isfinite(loss)
-    head = {id(p) for n, p in model.named_parameters() if n.startswith("classifier.")}
+    head = {id(p) for n, p in model.named_parameters() if ".classifier." in n}
     moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
                   for p, s in optimizer.state.items() if id(p) not in head)
     assert moments == 2 * k
 
-    materialize(model)
     changed_inside = 0
-    for name, module in modules.items():
+    for name, layer in layers.items():
+        layer.materialize()
+        idx = layer.gem_indices["default"]
         w0 = original[f"{name}.weight"].view(-1)
-        w = module.weight.detach().view(-1)
+        w = layer.weight.detach().view(-1)
         outside = torch.ones_like(w, dtype=torch.bool)
-        outside[module.indices] = False
+        outside[idx] = False
         assert torch.equal(w[outside], w0[outside]), name
-        changed_inside += int((w[module.indices] != w0[module.indices]).sum())
+        changed_inside += int((w[idx] != w0[idx]).sum())
     assert changed_inside > 0
-    for n, p in model.named_parameters():  # the frozen rest: bit-identical
-        if n in original and not n.startswith("classifier.") and p.shape == original[n].shape:
-            if not any(n.startswith(m + ".") for m in modules):
-                assert torch.equal(p.detach(), original[n]), n
+    plain = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
+             for n, p in model.named_parameters() if ".gem_delta." not in n and "classifier" not in n}
+    for n, p in plain.items():  # the frozen rest: bit-identical
+        if not any(n.startswith(m + ".") for m in layers):
+            assert torch.equal(p.detach(), original[n]), n

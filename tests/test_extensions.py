@@ -38,12 +38,10 @@ register_budget_rule("first_only", all_in_the_first_matrix)
 @pytest.fixture
 def clean_registries():
     """Registries are module state: put them back as they were after each test."""
-    saved = (dict(scores.SCORES), dict(scores._REGISTERED), set(scores.GRADIENT_KINDS), dict(budgets.BUDGET_RULES))
+    saved = (dict(scores.SCORES), dict(budgets.BUDGET_RULES))
     yield
     scores.SCORES.clear(), scores.SCORES.update(saved[0])
-    scores._REGISTERED.clear(), scores._REGISTERED.update(saved[1])
-    scores.GRADIENT_KINDS.clear(), scores.GRADIENT_KINDS.update(saved[2])
-    budgets.BUDGET_RULES.clear(), budgets.BUDGET_RULES.update(saved[3])
+    budgets.BUDGET_RULES.clear(), budgets.BUDGET_RULES.update(saved[1])
 
 
 def test_a_registered_score_and_budget_rule_drive_a_run(clean_registries, tmp_path, data_dir, monkeypatch):
@@ -74,7 +72,8 @@ def test_registered_scores_follow_the_nan_policy_and_are_checked(clean_registrie
     assert torch.equal(product["a"], torch.tensor([[3.0, 2.0]]))
     assert bool(torch.isneginf(product["b"]).all())  # a NaN gradient excludes the matrix, as for built-ins
     assert torch.equal(scores.entry_scores("weights_only", None, weights)["a"], torch.tensor([[3.0, 1.0]]))
-    assert "product" in scores.GRADIENT_KINDS and "weights_only" not in scores.GRADIENT_KINDS
+    assert scores.SCORES["product"].needs_gradients and not scores.SCORES["weights_only"].needs_gradients
+    assert scores.SCORES["fisher"].squared_per_example and not scores.SCORES["product"].squared_per_example
     with pytest.raises(ValueError, match="already exists"):
         scores.register_score("ratio", lambda g, w: g)
     with pytest.raises(ValueError, match="already exists"):
@@ -82,9 +81,9 @@ def test_registered_scores_follow_the_nan_policy_and_are_checked(clean_registrie
 
 
 def test_unknown_rules_are_named_when_the_method_is_built():
-    with pytest.raises(MethodError, match=r"unknown score 'snip'; choose one of .*register_score.*extensions"):
+    with pytest.raises(MethodError, match=r"unknown score 'snip' \(method\.score\); choose one of .*register_score.*extensions"):
         build_method("gem", ["query"], score="snip")
-    with pytest.raises(MethodError, match=r"unknown budget rule 'even'.*register_budget_rule"):
+    with pytest.raises(MethodError, match=r"unknown budget rule 'even' \(method\.budget\).*register_budget_rule"):
         build_method("gem", ["query"], budget="even")
 
 
@@ -96,7 +95,7 @@ def test_a_budget_rule_that_overspends_is_refused(clean_registries):
     method = build_method("gem", ["query", "value"], budget="greedy", score="random")
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     with pytest.raises(MethodError, match=r"budget rule 'greedy' gave .* summing to at most K="):
-        method.select(model, None, 0, seed=0)
+        method.select(model, seed=0)
 
 
 def test_an_extension_that_cannot_be_imported_is_a_clear_error(tmp_path, data_dir):
@@ -114,13 +113,13 @@ def test_budget_rules_and_scores_that_return_the_wrong_thing_are_named(clean_reg
     for name, rule, pattern in [
         ("nothing", lambda s, K, m=0: None, r"budget rule 'nothing' returned NoneType; it must return a dict"),
         ("quarters", lambda s, K, m=0: {n: K / 4.5 for n in s}, r"budget rule 'quarters' gave .* whole numbers"),
-        ("zeros", lambda s, K, m=0: {n: 0 for n in s}, r"no entry selected: method\.density=0\.001 gives K=\d+"),
+        ("zeros", lambda s, K, m=0: {n: 0 for n in s}, r"no entry selected: density=0\.001 gives K=\d+"),
     ]:
         budgets.register_budget_rule(name, rule)
         method = build_method("gem", ["query", "value"], budget=name, score="random")
         model = method.prepare(tiny_bert().model, loaded.head_parameter_names)
         with pytest.raises(MethodError, match=pattern):
-            method.select(model, None, 0, seed=0)
+            method.select(model, seed=0)
     grads = {"a": torch.tensor([[1.0, -2.0]])}
     weights = {"a": torch.tensor([[3.0, 1.0]])}
     scores.register_score("as_numpy", lambda g, w: (g * w).numpy())
@@ -129,13 +128,13 @@ def test_budget_rules_and_scores_that_return_the_wrong_thing_are_named(clean_reg
     scores.register_score("half_nan", lambda g, w: torch.where(g > 0, g, math.nan))
     with pytest.raises(ValueError, match=r"'half_nan' returned 1 NaN/inf .* of 2 entries; a score must be finite"):
         scores.entry_scores("half_nan", grads, weights)
-    with pytest.raises(MethodError, match=r"method\.min_per_matrix=-1 must be a whole number >= 0"):
+    with pytest.raises(MethodError, match=r"min_per_matrix=-1 \(method\.min_per_matrix\) must be a whole number >= 0"):
         build_method("gem", ["query"], min_per_matrix=-1)
 
 
 def test_a_budget_too_small_for_one_entry_per_matrix_is_refused(tmp_path, data_dir):
     # tiny BERT: ~1M parameters, 4 query/value matrices; K = 3 under uniform budgets gives 0 each
-    with pytest.raises(MethodError, match=r"no entry selected: method\.density=3e-06 gives K=3 entries for 4 target "
+    with pytest.raises(MethodError, match=r"no entry selected: density=3e-06 gives K=3 entries for 4 target "
                                           r"matrices.*Raise method\.density to at least 4"):
         run_in_process([*TINY_RUN, f"data_dir={data_dir}", "save_checkpoint=false", "method=gem_uniform",
                         "method.num_grad_samples=8", "method.density=3e-6"], tmp_path / "run")

@@ -43,12 +43,12 @@ def test_nothing_changed_outside_the_mask_in_the_record(gem_run):
 def test_optimizer_state_is_two_numbers_per_tuned_entry(gem_run):
     record, probe = gem_run
     tuned, head = record["params"]["tuned"], record["params"]["head"]
-    deltas = sorted(n for n in probe.optimized if n.endswith(".delta"))
+    deltas = sorted(n for n in probe.optimized if ".gem_delta." in n)
     # The optimizer sees the deltas and the head, nothing else (no dense weight).
     assert sorted(probe.optimized) == sorted(deltas + sorted(probe.head))
     assert len(deltas) == len(probe.masks)
     assert {"exp_avg", "exp_avg_sq"} <= probe.state_keys
-    assert sum(v for n, v in probe.state_numel.items() if n.endswith(".delta")) == 2 * tuned
+    assert sum(v for n, v in probe.state_numel.items() if ".gem_delta." in n) == 2 * tuned
     assert sum(probe.state_numel.values()) == 2 * (tuned + head)
 
 

@@ -85,12 +85,12 @@ def test_checkpoint_reload_reproduces_dev_metric(method, method_runs, data_dir, 
     fresh = build_method(cfg.method.name, targets, **method_options(cfg.method))
     model = fresh.prepare(loaded.model, loaded.head_parameter_names)
     if method == "gem":
-        # No gradient pass, no select(): the saved delta alone defines the mask.
-        from gem.core.sparse_linear import sparse_modules
+        # No gradient pass, no select(): the saved adapter alone defines the mask.
+        from gem.tuner import gem_modules
 
-        assert not fresh.selected and not list(sparse_modules(model))
+        assert not fresh.selected and not list(gem_modules(model))
     _, untrained_logits = _evaluate(model, cfg, data_dir, loaded.tokenizer)
-    fresh.load(model, run_dir / "checkpoint")
+    model = fresh.load(model, run_dir / "checkpoint")
     if method == "gem":
         assert fresh.tuned_count(model) == record["params"]["tuned"]
         assert sum(fresh.budgets.values()) == record["params"]["tuned"]

@@ -12,6 +12,7 @@ float64 keeps ``||r||_2`` from overflowing when zero weights make ``r = |G| / 1e
 from __future__ import annotations
 
 import math
+import numbers
 from decimal import Decimal
 from fractions import Fraction
 from typing import Callable, Mapping
@@ -19,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from gem.core.scores import selectable_count
+from gem.core.scores import sanitised_flat, selectable_count
 
 ENTROPY_EPS = 1e-8
 
@@ -203,7 +204,7 @@ def global_topk_budgets(scores: Mapping[str, Tensor], K: int, min_per_matrix: in
     if rest == 0:
         return dict(floors)
 
-    flats = {n: _sanitised(s) for n, s in scores.items()}
+    flats = {n: sanitised_flat(s) for n, s in scores.items()}
     # Values of each matrix's unreserved entries that could reach the global top `rest`.
     candidates = []
     for n, flat in flats.items():
@@ -230,11 +231,6 @@ def global_topk_budgets(scores: Mapping[str, Tensor], K: int, min_per_matrix: in
     return {n: floors[n] + counts[n] for n in flats}
 
 
-def _sanitised(score: Tensor) -> Tensor:
-    flat = score.detach().reshape(-1)
-    return torch.where(torch.isnan(flat), torch.full_like(flat, float("-inf")), flat)
-
-
 # --- diagnostics ------------------------------------------------------------------------
 # Budget rules by name (`method.budget`): fn(scores, K, min_per_matrix) -> entries per matrix.
 BUDGET_RULES: dict[str, Callable[..., dict[str, int]]] = {
@@ -254,6 +250,32 @@ def register_budget_rule(name: str, fn: Callable[..., dict[str, int]]) -> None:
     if name in BUDGET_RULES:
         raise ValueError(f"budget rule {name!r} already exists; pick another name")
     BUDGET_RULES[name] = fn
+
+
+def split_budget(rule: str, scores: Mapping[str, Tensor], K: int, min_per_matrix: int = 0) -> dict[str, int]:
+    """Entries per matrix from the budget rule named `rule`, checked: whole counts >= 0 for
+    every matrix, summing to at most K; a ValueError names the rule and what it gave."""
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"unknown budget rule {rule!r}; choose one of {sorted(BUDGET_RULES)} (a new rule: "
+                         f"gem.core.budgets.register_budget_rule)")
+    given = BUDGET_RULES[rule](scores, K, min_per_matrix)
+    if not isinstance(given, Mapping):
+        raise ValueError(f"budget rule {rule!r} returned {type(given).__name__}; it must return a dict "
+                         f"{{matrix name: number of entries}}")
+    counts = {}
+    for name, count in given.items():
+        if isinstance(count, Tensor) and count.numel() == 1:
+            count = count.item()
+        if isinstance(count, bool) or not (isinstance(count, numbers.Integral) or
+                                           (isinstance(count, float) and count.is_integer())):
+            raise ValueError(f"budget rule {rule!r} gave {name} the count {count!r}; counts must be whole numbers "
+                             f"(round them down, e.g. K * share // total, so they sum to at most K)")
+        counts[name] = int(count)
+    spent = sum(counts.values())
+    if set(counts) != set(scores) or spent > K or (counts and min(counts.values()) < 0):
+        raise ValueError(f"budget rule {rule!r} gave {spent} entries over {len(counts)} matrices; it must give every "
+                         f"one of the {len(scores)} eligible matrices a count >= 0, summing to at most K={K}")
+    return {name: counts[name] for name in scores}
 
 
 def allocation_table(scores: Mapping[str, Tensor], budgets: Mapping[str, int]) -> list[dict]:

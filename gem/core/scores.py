@@ -21,6 +21,7 @@ the finite ``|G| / 1e-8`` the method intends.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -73,26 +74,65 @@ def random_score(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     return scores.to(device) if device is not None else scores
 
 
-# Per-matrix score functions by kind, for callers that want one directly.
-SCORES: dict[str, Callable[..., Tensor]] = {
-    "ratio": gradient_to_weight_ratio,
-    "gradient": gradient_magnitude,
-    "fisher": fisher_score,
-    "smallest_weight": smallest_weight_score,
-    "random": random_score,
+@dataclass(frozen=True)
+class ScoreRule:
+    """One entry of the score registry: how to score one matrix, and what the score needs.
+
+    ``fn(grad, weight, context)`` returns a score per entry, shaped like the weight. ``grad`` is
+    the gradient pass's sum for the matrix (its sum of squared per-example gradients when
+    ``squared_per_example``), None when the rule needs no gradients; ``weight`` is W0, None
+    when the rule needs no weights; ``context`` holds ``eps``, ``num_samples`` and a seeded
+    ``generator``. ``checked``: the output is validated (shape, finiteness) with the rule's
+    name in the error, as for every rule a user registers.
+    """
+
+    fn: Callable[[Tensor | None, Tensor | None, "ScoreContext"], Tensor]
+    needs_gradients: bool
+    needs_weights: bool
+    squared_per_example: bool = False
+    checked: bool = False
+
+
+@dataclass
+class ScoreContext:
+    eps: float = DEFAULT_EPS
+    num_samples: int | None = None
+    generator: torch.Generator | None = None
+
+
+def _fisher(grad: Tensor, weight: Tensor | None, context: ScoreContext) -> Tensor:
+    if context.num_samples is None:
+        raise ValueError("score kind 'fisher' needs num_samples")
+    return fisher_score(grad, context.num_samples)
+
+
+# The one score registry: built-in kinds and the ones `register_score` adds.
+SCORES: dict[str, ScoreRule] = {
+    "ratio": ScoreRule(lambda g, w, c: gradient_to_weight_ratio(g, w, c.eps), needs_gradients=True, needs_weights=True),
+    "gradient": ScoreRule(lambda g, w, c: gradient_magnitude(g), needs_gradients=True, needs_weights=False),
+    "fisher": ScoreRule(_fisher, needs_gradients=True, needs_weights=False, squared_per_example=True),
+    "smallest_weight": ScoreRule(lambda g, w, c: smallest_weight_score(w), needs_gradients=False, needs_weights=True),
+    # the weight is passed for its shape and device; the draw depends on neither its values nor the data
+    "random": ScoreRule(lambda g, w, c: random_score(w.shape, c.generator, device=w.device), needs_gradients=False,
+                        needs_weights=True),
 }
-# Kinds that need the gradient pass (registered rules add themselves).
-GRADIENT_KINDS: set[str] = {"ratio", "gradient", "fisher"}
-# Rules added with `register_score`: kind -> (fn(G or None, W0 or None) -> scores, needs G, needs W0).
-_REGISTERED: dict[str, tuple[Callable[[Tensor | None, Tensor | None], Tensor], bool, bool]] = {}
+
+
+def score_rule(kind: str) -> ScoreRule:
+    """The registry entry of a score kind, or a ValueError listing the known kinds."""
+    if kind not in SCORES:
+        raise ValueError(f"unknown score kind {kind!r}; choose one of {sorted(SCORES)} (a new score: "
+                         f"gem.core.scores.register_score)")
+    return SCORES[kind]
 
 
 def register_score(kind: str, fn: Callable[[Tensor | None, Tensor | None], Tensor], *,
-                   needs_gradients: bool = True, needs_weights: bool = True) -> None:
-    """Add a selection score, usable as ``method.score=<kind>``.
+                   needs_gradients: bool = True, needs_weights: bool = True, squared_per_example: bool = False) -> None:
+    """Add a selection score, usable as ``score=<kind>`` (``method.score=<kind>`` in run.py).
 
     ``fn(G, W0)`` gets one matrix's summed gradient of the gradient pass (None unless
-    ``needs_gradients``) and its pre-trained weight (None unless ``needs_weights``) and
+    ``needs_gradients``; with ``squared_per_example`` the sum of squared per-example gradients,
+    one backward per example) and its pre-trained weight (None unless ``needs_weights``) and
     returns a score per entry (larger = selected first). Matrices with NaN/inf gradients are
     excluded before ``fn`` sees them, as for the built-in scores.
     """
@@ -100,10 +140,10 @@ def register_score(kind: str, fn: Callable[[Tensor | None, Tensor | None], Tenso
         raise ValueError(f"score kind {kind!r} already exists; pick another name")
     if not (needs_gradients or needs_weights):
         raise ValueError(f"score kind {kind!r} must use the gradients, the weights or both")
-    SCORES[kind] = fn
-    _REGISTERED[kind] = (fn, needs_gradients, needs_weights)
-    if needs_gradients:
-        GRADIENT_KINDS.add(kind)
+    if squared_per_example and not needs_gradients:
+        raise ValueError(f"score kind {kind!r}: squared_per_example needs needs_gradients=True")
+    SCORES[kind] = ScoreRule(lambda g, w, c: fn(g, w), needs_gradients=needs_gradients, needs_weights=needs_weights,
+                             squared_per_example=squared_per_example, checked=True)
 
 
 def check_gradients(grads: Mapping[str, Tensor]) -> list[str]:
@@ -143,57 +183,39 @@ def entry_scores(
 ) -> dict[str, Tensor]:
     """Scores for every eligible matrix, keyed like the inputs (order kept).
 
-    ``kind`` is one of ``SCORES``:
+    ``kind`` names an entry of ``SCORES``, which says what it needs: ``grads`` (the gradient
+    pass's sums G; for ``fisher`` the sums of squared per-example gradients, with
+    ``num_samples``) and/or ``weights`` (W0). ``random`` draws in key order from ``generator``.
 
-    * ``"ratio"``: needs ``grads`` (summed signed gradients G) and ``weights`` (W0).
-    * ``"gradient"``: needs ``grads``.
-    * ``"fisher"``: needs ``grads`` holding the *sum of squared per-sample gradients* and
-      ``num_samples``.
-    * ``"smallest_weight"``: needs ``weights``.
-    * ``"random"``: needs ``weights`` (or ``grads``) for the shapes; draws in key order.
-
-    For the gradient kinds, matrices with a NaN/inf gradient get all ``-inf`` scores (see
+    For rules that need gradients, matrices with a NaN/inf gradient get all ``-inf`` scores (see
     the module docstring) and a warning is logged; ``ValueError`` when none is usable.
     """
-    if kind not in SCORES:
-        raise ValueError(f"unknown score kind {kind!r}; choose one of {sorted(SCORES)}")
-    if kind in GRADIENT_KINDS and grads is None:
+    rule = score_rule(kind)
+    if rule.needs_gradients and grads is None:
         raise ValueError(f"score kind {kind!r} needs the gradients")
-    if (kind in ("ratio", "smallest_weight") or (kind in _REGISTERED and _REGISTERED[kind][2])) and weights is None:
+    if rule.needs_weights and weights is None:
         raise ValueError(f"score kind {kind!r} needs the pre-trained weights")
     if grads is not None and weights is not None and list(grads) != list(weights):
         missing = set(grads) ^ set(weights)
         raise ValueError(f"gradients and weights must have the same keys in the same order; differing: {sorted(missing)[:5]}")
-
-    if kind == "smallest_weight":
-        return {name: smallest_weight_score(w) for name, w in weights.items()}
-    if kind in _REGISTERED and kind not in GRADIENT_KINDS:  # a registered weight-only score
-        return {name: _checked(kind, _REGISTERED[kind][0](None, w), w.shape) for name, w in weights.items()}
-    if kind == "random":
-        shapes = weights if weights is not None else grads
-        if shapes is None:
-            raise ValueError("score kind 'random' needs weights or gradients for the shapes")
-        return {name: random_score(t.shape, generator, device=t.device) for name, t in shapes.items()}
-
-    bad = set(check_gradients(grads))
-    if bad:
-        logger.warning("excluding %d of %d matrices with NaN/inf gradients (budget 0): %s",
-                       len(bad), len(grads), sorted(bad))
+    names = list(grads if rule.needs_gradients else weights)
+    bad: set[str] = set()
+    if rule.needs_gradients:
+        bad = set(check_gradients(grads))
+        if bad:
+            logger.warning("excluding %d of %d matrices with NaN/inf gradients (budget 0): %s",
+                           len(bad), len(grads), sorted(bad))
+    context = ScoreContext(eps=eps, num_samples=num_samples, generator=generator)
     scores: dict[str, Tensor] = {}
-    for name, grad in grads.items():
+    for name in names:
+        grad = grads[name] if rule.needs_gradients else None
+        weight = weights[name] if rule.needs_weights else None
         if name in bad:
             scores[name] = torch.full(grad.shape, float("-inf"), dtype=torch.float32, device=grad.device)
-        elif kind == "ratio":
-            scores[name] = gradient_to_weight_ratio(grad, weights[name], eps)
-        elif kind == "gradient":
-            scores[name] = gradient_magnitude(grad)
-        elif kind in _REGISTERED:
-            fn, _, needs_weights = _REGISTERED[kind]
-            scores[name] = _checked(kind, fn(grad, weights[name] if needs_weights else None), grad.shape)
-        else:
-            if num_samples is None:
-                raise ValueError("score kind 'fisher' needs num_samples")
-            scores[name] = fisher_score(grad, num_samples)
+            continue
+        score = rule.fn(grad, weight, context)
+        shape = (grad if grad is not None else weight).shape
+        scores[name] = _checked(kind, score, shape) if rule.checked else score
     return scores
 
 
@@ -215,6 +237,14 @@ def _checked(kind: str, scores: Tensor, shape: torch.Size) -> Tensor:
 def excluded_matrices(scores: Mapping[str, Tensor]) -> list[str]:
     """Names of matrices with no selectable entry (every score ``-inf`` or NaN)."""
     return [name for name, s in scores.items() if int(selectable_count(s)) == 0]
+
+
+def sanitised_flat(score: Tensor) -> Tensor:
+    """Flattened scores with NaN mapped to ``-inf`` (``torch.topk`` ranks NaN *highest*)."""
+    flat = score.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = torch.where(torch.isnan(flat), torch.full_like(flat, float("-inf")), flat)
+    return flat
 
 
 def selectable_count(score: Tensor) -> int:

@@ -15,15 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from gem.core.scores import selectable_count
-
-
-def _sanitised_flat(score: Tensor) -> Tensor:
-    """Flattened scores with NaN mapped to ``-inf`` (``torch.topk`` ranks NaN *highest*)."""
-    flat = score.detach().reshape(-1)
-    if flat.is_floating_point():
-        flat = torch.where(torch.isnan(flat), torch.full_like(flat, float("-inf")), flat)
-    return flat
+from gem.core.scores import sanitised_flat, selectable_count
 
 
 def top_k_flat_indices(score: Tensor, k: int) -> Tensor:
@@ -39,7 +31,7 @@ def top_k_flat_indices(score: Tensor, k: int) -> Tensor:
         raise ValueError(f"k must be non-negative, got {k}")
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=score.device)
-    flat = _sanitised_flat(score)
+    flat = sanitised_flat(score)
     available = selectable_count(flat)
     if k > available:
         raise ValueError(f"cannot select k = {k} entries: only {available} of {flat.numel()} scores are "

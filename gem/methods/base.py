@@ -9,6 +9,7 @@ initialised classifier) trains with every method and is counted apart.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEAD_PREFIX_KEY = "head_parameter_names"
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
 class MethodError(ValueError):
@@ -61,6 +63,11 @@ class Method:
         return sum(p.numel() for n, p in self.trainable_parameters(model) if not self._is_head(n))
 
     def _is_head(self, name: str) -> bool:
+        # Inside a peft model (LoRA, GEM) the untouched head is `original_module` and its trained
+        # copy sits under `modules_to_save.<adapter>`; only the trained copy is the head.
+        if ".original_module." in name:
+            return False
+        name = _MODULES_TO_SAVE.sub(".", name)
         return name in self.head_parameter_names or any(name.endswith("." + h) for h in self.head_parameter_names)
 
     # --- optimisation ------------------------------------------------------------
@@ -103,19 +110,17 @@ class Method:
         (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
-    def load(self, model: nn.Module, directory: str | Path) -> None:
+    def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
+        """Put a saved checkpoint into a model prepared by this method; the model to use (may be a new wrapper)."""
         path = Path(directory) / "trained.safetensors"
         if not path.exists():
             raise MethodError(f"{self.name}: no checkpoint at {path}")
         self.load_saved(model, load_checkpoint_file(path, self.name))
+        return model
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         """A plain Hugging Face model with what trained folded in, for `save_pretrained`."""
         return model
-
-    def callbacks(self, **context) -> list:
-        """Lightning callbacks the method needs (GEM: the gradient pass before training)."""
-        return []
 
     def describe(self) -> dict:
         """Settings recorded in the run record."""

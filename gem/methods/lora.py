@@ -16,16 +16,14 @@ settings. `merge_for_export` folds LoRA into the base weights (`merge_and_unload
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Iterable
 
 from torch import nn
 
 from ._common import head_module_names, merge_options
-from .base import HEAD_PREFIX_KEY, Method, MethodError, find_target_linears, load_checkpoint_file
+from .base import _MODULES_TO_SAVE, HEAD_PREFIX_KEY, Method, MethodError, find_target_linears, load_checkpoint_file
 
-_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -44,13 +42,6 @@ class LoRA(Method):
 
     def is_method_parameter(self, name: str) -> bool:
         return ".lora_A." in name or ".lora_B." in name
-
-    def _is_head(self, name: str) -> bool:
-        # peft keeps the untouched head as `original_module` and trains a copy under
-        # `modules_to_save.<adapter>`; only the trained copy is the head.
-        if ".original_module." in name:
-            return False
-        return super()._is_head(_MODULES_TO_SAVE.sub(".", name))
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         return merge_for_export(model)
@@ -101,7 +92,7 @@ class LoRA(Method):
         (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
-    def load(self, model: nn.Module, directory: str | Path) -> None:
+    def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
         peft = _peft()
         if not isinstance(model, peft.PeftModel):
             raise MethodError("lora: load expects a model prepared by this method (prepare the fresh base model first)")
@@ -118,6 +109,7 @@ class LoRA(Method):
         not_loaded = sorted(trained & set(result.missing_keys))
         if not_loaded:
             raise MethodError(f"lora: the adapter at {path} lacks {len(not_loaded)} trained tensors (first: {not_loaded[0]!r})")
+        return model
 
 
 def merge_for_export(model: nn.Module) -> nn.Module:

@@ -1,162 +1,123 @@
-"""GEM and its neighbours: fixed sparse masks chosen by an entry score and a per-matrix budget.
+"""GEM and every sparse ablation in run.py: a `GemConfig`, its selection, and the PEFT tuner.
 
-One class serves every selection rule of the spec's ablation table; the registered
-names (`gem`, `gem_uniform`, `grad_uniform`, `grad_entropy`, `random_mask`, `fish`,
-`pafi`) differ only in their defaults. The selection needs data (a gradient pass),
-which `SparseSelection` (gem/lit/sparse_selection.py) provides before training; this
-class holds the glue between the pure math in `gem.core` and the model.
+The method is the library's code driven by the run: `gem.select_entries` chooses the entries
+(called by the training glue's callback once the data is there), `peft.get_peft_model` wraps
+the model in `GemLinear` layers, and the run saves a PEFT adapter. Named ablations
+(`gem_uniform`, `fish`, ...) are config files under conf/method/ that set `score` and
+`budget`; they run this class under their own name (`base: gem`).
 """
 
 from __future__ import annotations
 
 import json
-import numbers
-import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from gem.core import budgets as B
-from gem.core.budgets import BUDGET_RULES
-from gem.core.delta import SparseDelta
-from gem.core.scores import GRADIENT_KINDS, SCORES, entry_scores
-from gem.core.selection import select_masks, top_k_flat_indices, unsorted_threshold_indices
-from gem.core.sparse_linear import inject_sparse_deltas, remove_sparse_deltas, sparse_modules
+from ._common import head_module_names
+from .base import HEAD_PREFIX_KEY, Method, MethodError
 
-from ._common import merge_options
-from .base import Method, MethodError, find_target_linears, load_checkpoint_file
-
-HEAD_FILE = "head.safetensors"
+# GemConfig fields a run sets through `method.<key>` (the rest are PEFT's or written by the selection).
+OPTIONS = ("density", "score", "budget", "num_grad_samples", "eps", "min_per_matrix", "delta_init", "threshold",
+           "verify_untouched", "gradient_pass_mode")
 
 
-def natural_key(name: str) -> list:
-    """`layers.10.q` sorts after `layers.2.q`: digit runs compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-DELTA_DIR = "delta"
+def _tuner():
+    import gem.tuner  # imported lazily: registers GEM with peft (which `import gem` does not need)
+
+    return gem.tuner
 
 
 class SparseMask(Method):
-    """Train only k = floor(density * N_model) selected entries of the target matrices."""
+    """Train only the selected entries, k = floor(density * N_model) in all, of the target matrices."""
 
     name = "gem"
-    DEFAULTS: dict = {
-        "density": 0.001,            # K = floor(density * all parameters of the model)
-        "score": "ratio",            # ratio | gradient | fisher | smallest_weight | random
-        "budget": "entropy",         # entropy | uniform | global
-        "num_grad_samples": 1000,    # training examples in the gradient pass
-        "eps": 1e-8,                 # in |G| / (|W0| + eps)
-        "min_per_matrix": 0,         # optional floor of entries per matrix
-        "delta_init": "zero",        # zero (clean) | w0 (authors' quirk: selected entries start at 2*W0)
-        "threshold": "exact",        # exact top-k | unsorted (authors' quirk: threshold from an unsorted topk)
-        "verify_untouched": True,    # at the end, count entries that changed outside the mask
-        "gradient_pass_mode": "eval",  # eval (dropout off: mask a function of data and weights) | train
-    }
+    selects_entries = True  # the training glue runs `select` before the first step
 
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
-        super().__init__(target_modules, **merge_options(self.name, self.DEFAULTS, options))
-        o = self.options
-        if not 0.0 < float(o["density"]) < 1.0:
-            raise MethodError(f"{self.name}: method.density={o['density']} is impossible; it must lie in (0, 1), "
-                              f"e.g. 0.001 for 0.1% of the model's parameters")
-        if o["score"] not in SCORES:
-            raise MethodError(f"{self.name}: unknown score {o['score']!r}; choose one of {sorted(SCORES)} (a new "
-                              f"score: gem.core.scores.register_score, loaded with extensions=[your.module])")
-        if o["score"] in GRADIENT_KINDS and int(o["num_grad_samples"]) < 1:
-            raise MethodError(f"{self.name}: method.num_grad_samples={o['num_grad_samples']} but the "
-                              f"{o['score']!r} score needs a gradient pass; set it to at least 1 (the paper uses 1000)")
-        if o["budget"] not in BUDGET_RULES:
-            raise MethodError(f"{self.name}: unknown budget rule {o['budget']!r}; choose one of {sorted(BUDGET_RULES)} "
-                              f"(a new rule: gem.core.budgets.register_budget_rule, loaded with extensions=[...])")
-        if o["gradient_pass_mode"] not in ("eval", "train"):
-            raise MethodError(f"{self.name}: method.gradient_pass_mode={o['gradient_pass_mode']!r}; choose 'eval' "
-                              f"(dropout off in the gradient pass) or 'train' (dropout on, as in a training step)")
-        if isinstance(o["min_per_matrix"], bool) or not isinstance(o["min_per_matrix"], int) or o["min_per_matrix"] < 0:
-            raise MethodError(f"{self.name}: method.min_per_matrix={o['min_per_matrix']!r} must be a whole number "
-                              f">= 0 (entries every target matrix gets at least; 0: no floor)")
-        if o["threshold"] not in ("exact", "unsorted"):
-            raise MethodError(f"{self.name}: method.threshold must be 'exact' or 'unsorted'")
-        if not self.target_modules:
-            raise MethodError(f"{self.name}: no target modules; set model.target_modules (e.g. [query, value])")
-        self.num_model_parameters = 0
-        self.total_budget = 0
-        self.budgets: dict[str, int] = {}
-        self.allocation: list[dict] = []
-
-    # --- preparing: freeze everything but the head; the mask comes later --------------------
-    def prepare(self, model: nn.Module, head_parameter_names: Iterable[str] = ()) -> nn.Module:
-        # Natural order (layer 2 before layer 10; within a layer by name, as string order was):
-        # allocation tables and figures read bottom to top, and random masks draw in this order.
-        self.targets = sorted(find_target_linears(model, self.target_modules), key=natural_key)
-        self.num_model_parameters = sum(p.numel() for p in model.parameters())
-        eligible = sum(model.get_submodule(n).weight.numel() for n in self.targets)
-        # Fail now, not after the gradient pass, when the density cannot be honoured.
-        self.total_budget = B.total_budget(float(self.options["density"]), self.num_model_parameters, eligible)
-        return super().prepare(model, head_parameter_names)
-
-    def is_method_parameter(self, name: str) -> bool:
-        return name.endswith(".delta")
+        super().__init__(target_modules)
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise MethodError(f"{self.name}: unknown option(s) {unknown}; the options of {self.name} are "
+                              f"{sorted(OPTIONS)}")
+        tuner = _tuner()
+        try:
+            self.config = tuner.GemConfig(target_modules=self.target_modules or None, **options)
+        except tuner.GemConfigError as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        self.options = {key: getattr(self.config, key) for key in OPTIONS}
+        self.selection = None
 
     @property
     def needs_gradients(self) -> bool:
-        return self.options["score"] in GRADIENT_KINDS
+        return self.config.score_rule.needs_gradients
 
     @property
     def selected(self) -> bool:
-        return bool(self.budgets)
+        return self.config.selected
+
+    @property
+    def total_budget(self) -> int:
+        return self.config.total_budget or 0
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        return dict(self.config.budgets)
+
+    # --- preparing: freeze everything; the entries are chosen later, with data ----------------
+    def prepare(self, model: nn.Module, head_parameter_names: Iterable[str] = ()) -> nn.Module:
+        tuner = _tuner()
+        self.head_parameter_names = set(head_parameter_names)
+        self.config.modules_to_save = head_module_names(model, self.head_parameter_names) or None
+        self.config.task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+        try:  # fail now, not after the gradient pass: targets that match nothing, an impossible density
+            layers = tuner.select.target_layers(model, self.config)
+            num_parameters = sum(p.numel() for p in model.parameters())
+            from gem.core.budgets import total_budget
+
+            self.config.total_budget = total_budget(float(self.config.density), num_parameters,
+                                                    sum(m.weight.numel() for m in layers.values()))
+            self.config.num_model_parameters = num_parameters
+        except (tuner.GemConfigError, ValueError) as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+
+    def is_method_parameter(self, name: str) -> bool:
+        return ".gem_delta." in name
 
     def target_weights(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {name: model.get_submodule(name).weight for name in self.targets}
+        tuner = _tuner()
+        return {name: m.weight for name, m in tuner.select.target_layers(model, self.config).items()}
 
-    # --- selection: scores -> budgets -> masks -> injected sparse deltas -------------------------
-    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, num_samples: int = 0,
-               seed: int = 0) -> dict[str, torch.Tensor]:
-        """Choose the masks from the gradient-pass sums and inject the trainable deltas."""
-        o = self.options
-        weights = {n: w.detach() for n, w in self.target_weights(model).items()}
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        scores = entry_scores(o["score"], grads, weights, eps=float(o["eps"]), num_samples=num_samples or None,
-                              generator=generator)
-        budget_rule = BUDGET_RULES[o["budget"]]
-        self.budgets = _integer_budgets(o["budget"], budget_rule(scores, self.total_budget, int(o["min_per_matrix"])))
-        spent = sum(self.budgets.values())
-        if set(self.budgets) != set(scores) or spent > self.total_budget or min(self.budgets.values()) < 0:
-            raise MethodError(f"{self.name}: budget rule {o['budget']!r} gave {spent} entries over "
-                              f"{len(self.budgets)} matrices; it must give every one of the {len(scores)} eligible "
-                              f"matrices a count >= 0, summing to at most K={self.total_budget}")
-        if spent == 0:
-            raise MethodError(f"{self.name}: no entry selected: method.density={o['density']} gives K="
-                              f"{self.total_budget} entries for {len(scores)} target matrices, and the "
-                              f"{o['budget']!r} rule gave each of them 0 (budgets are rounded down). Raise "
-                              f"method.density to at least {len(scores) / self.num_model_parameters:.2g} "
-                              f"(K >= one entry per matrix) or target fewer matrices")
-        if o["threshold"] == "unsorted":
-            masks = {n: unsorted_threshold_indices(s, self.budgets[n]) if self.budgets[n] else
-                     top_k_flat_indices(s, 0) for n, s in scores.items()}
-        else:
-            masks = select_masks(scores, self.budgets)
-        self.allocation = B.allocation_table(scores, self.budgets) if o["score"] != "random" else \
-            [{"name": n, "numel": s.numel(), "budget": self.budgets[n]} for n, s in scores.items()]
-        return self.inject_masks(model, masks)
+    # --- selection: the library's entry point, then the PEFT wrapper ----------------------------
+    def select(self, model: nn.Module, batches=None, loss_fn=None, *, seed: int = 0, device=None) -> nn.Module:
+        """Choose the entries (gradient pass when the score needs one) and return the wrapped model."""
+        tuner = _tuner()
+        self.config.seed = int(seed)
+        try:
+            self.selection = tuner.select_entries(model, self.config, batches, loss_fn, device=device)
+        except tuner.GemConfigError as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        return self._wrap(model)
 
-    def inject_masks(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Make the masked entries trainable (also used to restore masks when resuming)."""
-        masks = {n: idx for n, idx in masks.items() if idx.numel() > 0}
-        inject_sparse_deltas(model, masks, init=self.options["delta_init"])
-        if not self.budgets:  # restored masks (resume): the budgets are what was selected
-            self.budgets = {n: int(masks[n].numel()) if n in masks else 0 for n in self.targets}
-        return masks
+    def restore(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Wrap the model with entries chosen before (a resumed run's checkpoint), without a new selection."""
+        self.config.indices = {name: idx for name, idx in masks.items()}
+        self.config.budgets = {name: int(idx.numel()) for name, idx in masks.items()}
+        return self._wrap(model)
 
-    def callbacks(self, *, datamodule, record=None, run_dir=None, seed: int = 0, resume_from=None, **_) -> list:
-        from gem.lit.sparse_selection import SparseSelection
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
 
-        return [SparseSelection(self, datamodule, record=record, run_dir=run_dir, seed=seed, resume_from=resume_from)]
+        return get_peft_model(model, self.config)
 
-    # --- counting and optimisation ------------------------------------------------------------
+    # --- counting and optimisation ----------------------------------------------------------------
     def tuned_count(self, model: nn.Module) -> int:
-        return sum(m.delta.numel() for _, m in sparse_modules(model))
+        return sum(p.numel() for n, p in model.named_parameters() if self.is_method_parameter(n))
 
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         # Weight decay on a delta pulls it back toward W0 (never toward zero weights); the
@@ -171,70 +132,68 @@ class SparseMask(Method):
         return groups
 
     def merged_model(self, model: nn.Module) -> nn.Module:
-        remove_sparse_deltas(model)  # plain nn.Linear layers with W0 + delta merged in
-        return model
+        return model.merge_and_unload()  # plain layers with W0 + delta folded in
 
-    # --- saving: sparse delta (indices + values) and the head ------------------------------------
+    # --- saving: a PEFT adapter (indices + values, budgets in its config) ------------------------------
     def save(self, model: nn.Module, directory: str | Path, extra_config: dict | None = None) -> Path:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise MethodError(f"{self.name}: save expects the model returned by select (a peft model)")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        extra = dict(extra_config or {})
-        delta = SparseDelta.from_model(model, {
-            "base_model_name": extra.get("base_model"), "density": self.options["density"],
-            "selection": self.describe(), "budgets": self.budgets})
-        delta.save(directory / DELTA_DIR)
-        head = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self._is_head(n)}
-        if head:
-            save_file(head, str(directory / HEAD_FILE))
-        config = {**self.describe(), "head_parameter_names": sorted(self.head_parameter_names), **extra,
-                  "bytes_per_tuned_entry": SparseDelta.file_bytes_per_entry(directory / DELTA_DIR)}
+        model.peft_config["default"].base_model_name_or_path = (extra_config or {}).get("base_model")
+        model.save_pretrained(str(directory))
+        config = {**self.describe(), HEAD_PREFIX_KEY: sorted(self.head_parameter_names), **(extra_config or {}),
+                  **adapter_file_sizes(directory, self.tuned_count(model))}
         (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
-    def load(self, model: nn.Module, directory: str | Path) -> None:
-        """Onto a prepared fresh base model: inject the saved deltas, load the head."""
+    def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
+        """A prepared fresh base model with the saved adapter (trainable, to continue training or test)."""
+        from peft import PeftModel
+
         directory = Path(directory)
-        delta = SparseDelta.load(directory / DELTA_DIR)
-        delta.inject(model)
-        self.budgets = delta.budgets()
-        for _, module in sparse_modules(model):
-            module.delta.requires_grad_(True)
-        if (directory / HEAD_FILE).exists():
-            super().load_saved(model, load_checkpoint_file(directory / HEAD_FILE, self.name))
+        if not (directory / "adapter_config.json").is_file():
+            raise MethodError(f"{self.name}: no PEFT adapter at {directory} (adapter_config.json is missing)")
+        from safetensors import SafetensorError
+
+        try:
+            wrapped = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+        except _tuner().GemConfigError as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise MethodError(f"{self.name}: {directory / 'adapter_model.safetensors'} is corrupt or truncated "
+                              f"({error}); copy it again in full, or rerun with save_checkpoint=true") from error
+        self.config = wrapped.peft_config["default"]
+        return wrapped
 
     def describe(self) -> dict:
         return {**super().describe(), "total_budget": self.total_budget,
-                "num_model_parameters": self.num_model_parameters}
+                "num_model_parameters": self.config.num_model_parameters or 0}
 
 
-def _integer_budgets(rule: str, budgets) -> dict[str, int]:
-    """A budget rule's output as {matrix: count}, or an error naming the rule and what it gave."""
-    if not isinstance(budgets, Mapping):
-        raise MethodError(f"budget rule {rule!r} returned {type(budgets).__name__}; it must return a dict "
-                          f"{{matrix name: number of entries}}")
-    counts = {}
-    for name, count in budgets.items():
-        if isinstance(count, torch.Tensor) and count.numel() == 1:
-            count = count.item()
-        if isinstance(count, bool) or not (isinstance(count, numbers.Integral) or
-                                           (isinstance(count, float) and count.is_integer())):
-            raise MethodError(f"budget rule {rule!r} gave {name} the count {count!r}; counts must be whole numbers "
-                              f"(round them down, e.g. K * share // total, so they sum to at most K)")
-        counts[name] = int(count)
-    return counts
+def adapter_file_sizes(directory: str | Path, tuned: int) -> dict:
+    """Bytes of a saved GEM adapter: the index + value payload per tuned entry, the safetensors
+    header, and the head (modules_to_save) apart."""
+    from safetensors import safe_open
+
+    path = Path(directory) / "adapter_model.safetensors"
+    payload = head = 0
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_slice(key)
+            size = int(torch.Size(tensor.get_shape()).numel()) * _dtype_bytes(tensor.get_dtype())
+            if ".gem_" in key:
+                payload += size
+            else:
+                head += size
+    header = path.stat().st_size - payload - head
+    return {"bytes_per_tuned_entry": payload / max(1, tuned), "adapter_header_bytes": header,
+            "adapter_head_bytes": head}
 
 
-def _preset(name: str, **defaults) -> type[SparseMask]:
-    return type(f"SparseMask_{name}", (SparseMask,), {"name": name, "DEFAULTS": {**SparseMask.DEFAULTS, **defaults}})
+def _dtype_bytes(name: str) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
 
 
-# The spec's ablation table: (entry score, per-matrix budget).
-SPARSE_METHODS: dict[str, type[SparseMask]] = {
-    "gem": SparseMask,
-    "gem_uniform": _preset("gem_uniform", score="ratio", budget="uniform"),
-    "grad_uniform": _preset("grad_uniform", score="gradient", budget="uniform"),
-    "grad_entropy": _preset("grad_entropy", score="gradient", budget="entropy"),
-    "random_mask": _preset("random_mask", score="random", budget="uniform"),
-    "fish": _preset("fish", score="fisher", budget="global"),
-    "pafi": _preset("pafi", score="smallest_weight", budget="global"),
-}

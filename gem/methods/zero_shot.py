@@ -54,5 +54,5 @@ class ZeroShot(Method):
         (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))
         return directory
 
-    def load(self, model: nn.Module, directory: str | Path) -> None:
-        return None
+    def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
+        return model
