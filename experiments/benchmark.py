@@ -77,6 +77,19 @@ REFERENCE_ROWS = ("backward_floor",)
 DEFAULT_MODEL = {"name": "minilm", "pretrained": "packaged:minilm", "kind": "encoder",
                  "target_modules": ["query", "value"]}
 RESULT_PREFIX = "BENCH_RESULT "
+# `--preset dispatch`: the CPU stand-in for a GPU's launch overhead. A random-init LLaMA-style
+# model so small (16 layers, hidden 64, a 256-token vocabulary, 2 x 16 tokens, one thread) that
+# the arithmetic is negligible and a step's time is what each module costs the host: Python,
+# autograd nodes, dispatcher calls. GEM's density 0.01 gives each of the 32 q/v matrices entries
+# (checked and reported); 0.001 would leave K below what entropy budgets spread over 32 matrices.
+DISPATCH = {
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 16, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 64,
+              "tie_word_embeddings": True},
+    "args": {"batch_size": 2, "seq_len": 16, "threads": 1, "methods": "gem,full,lora,backward_floor",
+             "no_memory": True, "steps": 200, "warmup": 20, "gem_density": 0.01, "init": "pretrained",
+             "grad_batches": 4},
+}
 NUM_LABELS = 2
 
 
@@ -111,10 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "sequential: one model at a time (for models too large to hold five copies)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    p.add_argument("--preset", default=None, choices=["dispatch"],
+                   help="dispatch: a step dominated by per-module host cost (see DISPATCH below)")
+    p.add_argument("--gem-density", type=float, default=None, help="GEM's method.density (default: its own)")
     # Internal: the memory subprocess.
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p.add_argument("--masks-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.preset == "dispatch" and not args.single:
+        for key, value in DISPATCH["args"].items():
+            setattr(args, key, value)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.precision == "bf16" and args.device == "cpu":
         print("note: bf16 autocast on CPU is supported but rarely faster", file=sys.stderr)
@@ -197,6 +216,21 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
     load_tokenizer(cfg).save_pretrained(folder)
     return {**cfg, "pretrained": str(folder), "kind": "decoder" if decoder else "encoder",
             "name": f"{cfg.get('name') or source} (random init)"}
+
+
+def dispatch_folder(folder: Path, seed: int) -> dict:
+    """The `--preset dispatch` model: DISPATCH's LLaMA config, random weights, a 256-word tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = DISPATCH["llama"]["vocab_size"]
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", pad_token="w1",
+                            eos_token="w2").save_pretrained(folder)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**DISPATCH["llama"], pad_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    return {"name": "dispatch-llama-16x64 (random init)", "pretrained": str(folder), "kind": "decoder",
+            "target_modules": ["q_proj", "v_proj"]}
 
 
 _LOADED_TASKS: dict[tuple, Any] = {}
@@ -312,7 +346,9 @@ def build(args, cfg: dict, name: str, device: torch.device, masks_file: str | No
 
     torch.manual_seed(args.seed)
     loaded = load(args, cfg, device)
-    method = backward_floor_method() if name == "backward_floor" else build_method(name, cfg.get("target_modules"))
+    options = {"density": args.gem_density} if name == "gem" and args.gem_density else {}
+    method = backward_floor_method() if name == "backward_floor" else \
+        build_method(name, cfg.get("target_modules"), **options)
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     info: dict[str, Any] = {}
     if getattr(method, "selects_entries", False):  # GEM and the sparse ablations
@@ -326,6 +362,7 @@ def build(args, cfg: dict, name: str, device: torch.device, masks_file: str | No
             info["_masks"] = {name.removeprefix("base_model.model."): layer.gem_indices["default"]
                               for name, layer in gem_modules(model)}
         info["total_budget"] = method.total_budget
+        info["gem_matrices_with_entries"] = sum(1 for _ in gem_modules(model))
     model.train()
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.0), lr=args.lr)
     batches = [to_device(b, device) for b in timed_batches(args, loaded.tokenizer, loaded.kind)]
@@ -380,7 +417,7 @@ def static_measures(state: dict) -> dict:
         "checkpoint_bytes": int(checkpoint_bytes(state)),
         "num_model_parameters": int(state["num_parameters"]),
     }
-    for key in ("gradient_pass_s", "selection_math_s", "gradient_samples", "total_budget"):
+    for key in ("gradient_pass_s", "selection_math_s", "gradient_samples", "total_budget", "gem_matrices_with_entries"):
         if key in state["info"]:
             out[key] = state["info"][key]
     return out
@@ -582,6 +619,18 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def dispatch_overhead(results: dict[str, dict]) -> dict:
+    """(method step - floor step) / number of q/v modules, in microseconds, medians of the timed steps."""
+    modules = 2 * DISPATCH["llama"]["num_hidden_layers"]
+    floor = results["backward_floor"]["step_time_s"]
+    per = {name: 1e6 * (results[name]["step_time_s"] - floor) / modules for name in ("gem", "lora") if name in results}
+    out = {"target_modules": modules, "host_overhead_us_per_module": per,
+           "gem_matrices_with_entries": results.get("gem", {}).get("gem_matrices_with_entries")}
+    if per.get("lora"):
+        out["gem_over_lora"] = per["gem"] / per["lora"]
+    return out
+
+
 def shape_text(args, lengths: list[int]) -> str:
     if not args.task:
         return str(args.seq_len)
@@ -598,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_weight_grad_kernel(args.weight_grad_kernel)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
-    cfg = model_config(args.model)
+    cfg = model_config(args.model) if args.preset != "dispatch" or args.single else None
     if args.task:
         task_config(args)  # a bad --task fails before any model is built
 
@@ -613,6 +662,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown methods {unknown}")
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
+        if cfg is None:  # --preset dispatch
+            cfg = dispatch_folder(Path(work_dir) / "dispatch", args.seed)
+            args.model = json.dumps(cfg)
         if args.init == "random":
             cfg = random_init_folder(cfg, Path(work_dir) / "random_init", args.seed)
             args.model = json.dumps(cfg)  # the memory subprocesses load the same weights
@@ -628,6 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
         lengths = r.pop("_timed_lengths", lengths)  # the same for every method
     wall = time.perf_counter() - wall
 
+    if args.preset == "dispatch":
+        meta_dispatch = dispatch_overhead(results)
     meta = {"model": cfg.get("name", args.model), "device": str(device), "precision": args.precision,
             "init": args.init, "weight_grad_kernel": weight_grad_kernel(device), "threads": args.threads,
             "batch_size": args.batch_size, "seq_len": None if args.task else args.seq_len,
@@ -642,6 +696,14 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     for line in summary_lines(results):
         print(line)
+    if args.preset == "dispatch":
+        meta["dispatch"] = meta_dispatch
+        per = meta_dispatch["host_overhead_us_per_module"]
+        print(f"host overhead per q/v module over backward_floor ({meta_dispatch['target_modules']} modules): "
+              + ", ".join(f"{m} {v:.1f} us" for m, v in per.items())
+              + (f"; GEM/LoRA {meta_dispatch['gem_over_lora']:.2f} "
+                 f"({'PASS' if meta_dispatch['gem_over_lora'] <= 0.4 else 'FAIL'} <= 0.4)" if "gem_over_lora" in
+                 meta_dispatch else ""))
     print(f"total wall time {wall:.1f}s")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,27 @@ def test_targets_follow_the_layer_order_past_ten_layers():
     layers = [int(name.split(".")[3]) for name in targets]
     assert layers == sorted(layers) and layers[:4] == [0, 0, 1, 1] and len(layers) == 24
     assert targets[:2] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
+
+
+def test_gradient_pass_runs_under_the_trainers_precision(tmp_path, data_dir, monkeypatch):
+    # Lightning calls Callback.setup outside its autocast context: the pass enters it itself.
+    from conftest import TINY_RUN, run_in_process
+
+    import gem.tuner.select as sel
+
+    autocast = []
+    original = sel.accumulate_gradients
+
+    def spy(*args, **kw):  # every module forward of the gradient pass records whether autocast is on
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, inputs: autocast.append(torch.is_autocast_enabled("cpu")))
+        try:
+            return original(*args, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(sel, "accumulate_gradients", spy)
+    record = run_in_process([*TINY_RUN, "method=gem", "method.num_grad_samples=8", "trainer.precision=bf16-mixed",
+                             f"data_dir={data_dir}", "save_checkpoint=false"], tmp_path / "run")
+    assert record["status"] == "completed" and autocast and all(autocast)
+    assert record["gem"]["changed_outside_mask"] == 0

@@ -170,7 +170,7 @@ def test_pattern_follows_loaded_indices_and_survives_copies():
     other = GemLinear(nn.Linear(8, 6), "default", random_indices(linear, 7, gen))
     module(torch.randn(2, 8)).sum().backward()  # builds and caches the pattern
     module.load_state_dict(other.state_dict())
-    assert torch.equal(module.selection_pattern("default").col_indices(), other.rows_cols("default")[1])
+    assert torch.equal(module.geometry("default")[2].col_indices(), other.geometry("default")[1])
     clone = copy.deepcopy(module)
     x = torch.randn(3, 8)
     clone(x).sum().backward()

@@ -20,6 +20,7 @@ from gem.lit.causal_module import (
     generation_score,
     greedy_generate,
     lm_loss,
+    prompt_and_answer_loss,
     suffix_logprobs,
 )
 
@@ -200,7 +201,7 @@ RUN = ["model=tiny-llama", "logger=none", "trainer.max_epochs=1", "trainer.accel
 def test_every_method_runs_rte_and_gsm8k(method, data_dir, tmp_path, monkeypatch):
     seen = {}
     if method == "gem":  # the gradient pass must use the training loss of the causal module
-        import gem.lit.sparse_selection as sel
+        import gem.tuner.select as sel
 
         original = sel.accumulate_gradients
 
@@ -221,6 +222,37 @@ def test_every_method_runs_rte_and_gsm8k(method, data_dir, tmp_path, monkeypatch
                           "task.generation.max_new_tokens=4", *extra], tmp_path / "gsm8k")
     assert gsm["status"] == "completed" and gsm["main_metric"] == "test/em"
     assert 0.0 <= gsm["metrics"]["test/em"] <= 1.0 and "dev/em" in gsm["metrics"]
+
+
+def test_authors_lm_gradient_pass(offline_tiny, data_dir, tmp_path, monkeypatch):
+    """method.gradient_pass_loss=lm: the plain LM loss over prompt + gold answer (labels = input ids)."""
+    model = offline_tiny.model.eval()
+    gold = [5, 9, 14, 3, 7]
+    other = [5, 9, 14, 3, 8]
+    rows = torch.tensor([[[0, *other], [0, *gold]], [[*gold, 2], [*other, 2]]])  # left-padded example 0
+    mask = torch.tensor([[[0, 1, 1, 1, 1, 1]] * 2, [[1] * 6] * 2])
+    batch = {"input_ids": rows, "attention_mask": mask, "labels": torch.tensor([1, 0])}
+    with torch.no_grad():
+        got = prompt_and_answer_loss(model, batch)
+        hf = [model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss for r in (gold, [*gold, 2])]
+    counts = torch.tensor([len(gold) - 1, len(gold)], dtype=torch.float)
+    assert got.item() == pytest.approx(float((torch.stack(hf) * counts).sum() / counts.sum()), rel=1e-5)
+
+    import gem.tuner.select as sel
+
+    seen = {}
+    original = sel.accumulate_gradients
+    monkeypatch.setattr(sel, "accumulate_gradients",
+                        lambda *a, **kw: seen.setdefault("loss_fn", kw.get("loss_fn")) and original(*a, **kw))
+    rec = run_in_process([*RUN, "method=gem_lm", "task=rte", f"data_dir={data_dir}", "method.num_grad_samples=8"],
+                         tmp_path / "rte")
+    assert rec["status"] == "completed" and rec["method"] == "gem_lm"
+    assert seen["loss_fn"] is prompt_and_answer_loss and rec["gem"]["changed_outside_mask"] == 0
+    from gem.methods import MethodError
+
+    with pytest.raises(MethodError, match=r"gradient_pass_loss=lm .* needs a decoder model"):
+        run_in_process(["model=tiny-bert", *RUN[1:], "method=gem_lm", "task=rte", f"data_dir={data_dir}"],
+                       tmp_path / "bert")
 
 
 def test_mbpp_runs_with_pass_at_1(data_dir, tmp_path):

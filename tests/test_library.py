@@ -359,5 +359,5 @@ def test_the_method_config_group_mirrors_gemconfig():
     for variant in (REPO / "conf" / "method").glob("*.yaml"):  # ablations set score and budget only
         data = OmegaConf.to_container(OmegaConf.load(variant))
         if data.get("defaults") == ["gem", "_self_"]:
-            assert set(data) <= {"defaults", "name", "lr", "score", "budget"}, variant.name
-            GemConfig(target_modules=["q"], score=data["score"], budget=data["budget"])
+            assert set(data) <= {"defaults", "name", "lr", *OPTIONS}, variant.name
+            GemConfig(target_modules=["q"], **{k: v for k, v in data.items() if k in OPTIONS})

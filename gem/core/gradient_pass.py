@@ -73,19 +73,29 @@ def accumulate_gradients(
     weights' device) and the number of examples seen.
     """
     device = device or next(iter(weights.values())).device
-    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    params = list(weights.values())
+    # fp32 weights: let autograd accumulate into `.grad` in place, so the pass holds one copy of the
+    # target gradients (the same fp32 additions, in the same order, as explicit sums). Otherwise
+    # (half-precision weights, squared per-example gradients) the sums live apart, in fp32.
+    into_grad = not squared_per_example and all(w.dtype == torch.float32 for w in params)
+    sums = {} if into_grad else {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     seen = 0
-    with _only_these_require_grad(model, list(weights.values()), train_mode):
+    with _only_these_require_grad(model, params, train_mode):
         for batch in batches:
             batch = _move(batch, device)
             units = _per_example(batch) if squared_per_example else [batch]
             for unit in units:
                 loss = loss_fn(model, unit)
-                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                for (name, _), grad in zip(weights.items(), grads):
-                    if grad is not None:
-                        sums[name] += grad.float().square() if squared_per_example else grad.float()
+                if into_grad:
+                    torch.autograd.backward(loss, inputs=params)
+                else:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    for (name, _), grad in zip(weights.items(), grads):
+                        if grad is not None:
+                            sums[name] += grad.float().square() if squared_per_example else grad.float()
                 seen += 1 if squared_per_example else _batch_size(unit)
+        if into_grad:  # taken before the context puts the callers' `.grad` back
+            sums = {name: w.grad if w.grad is not None else torch.zeros_like(w) for name, w in weights.items()}
     return sums, seen
 
 

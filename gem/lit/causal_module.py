@@ -112,6 +112,23 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return -total.sum() / count.sum().clamp(min=1)
 
 
+def prompt_and_answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The authors' gradient-pass loss on decoders: the plain LM loss over prompt + gold answer.
+
+    Candidate batches keep each example's gold candidate row; generation batches already hold
+    prompt + target. Every real token after the first is predicted (labels = input ids, padding
+    masked), as `model(input_ids, labels=input_ids).loss` on the unpadded rows.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.dim() == 3:  # [batch, candidates, tokens]: the gold candidate's row
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        ids, mask = ids[rows, batch["labels"]], mask[rows, batch["labels"]]
+    score = mask.clone()
+    score[torch.arange(ids.shape[0], device=ids.device), mask.long().argmax(-1)] = 0  # the first token has no prefix
+    total, count = suffix_logprobs(model, ids, mask, score)
+    return -total.sum() / count.sum().clamp(min=1)
+
+
 # --------------------------------------------------------------------------- generation
 
 

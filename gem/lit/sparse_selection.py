@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 log = logging.getLogger(__name__)
+FP16_LOSS_SCALE = 2.0**12
 
 
 class SparseSelection(L.Callback):
@@ -56,8 +57,20 @@ class SparseSelection(L.Callback):
         if self.method.needs_gradients:
             batches = self.datamodule.gradient_pass_dataloader(int(self.method.config.num_grad_samples),
                                                                trainer.global_rank, trainer.world_size)
-        # The same loss as training (the decoder path scores candidates, not model(**batch).loss).
-        pl_module.model = self.method.select(model, batches, pl_module.batch_loss, seed=self.seed)
+        # The same loss as training (the decoder path scores candidates, not model(**batch).loss), or the
+        # authors' plain LM loss over prompt + gold answer (method.gradient_pass_loss=lm, decoders).
+        loss_fn = pl_module.batch_loss
+        if self.method.config.gradient_pass_loss == "lm":
+            from gem.lit.causal_module import prompt_and_answer_loss
+
+            loss_fn = prompt_and_answer_loss
+        # Under the trainer's precision: Lightning calls setup outside its autocast context. In fp16
+        # a power-of-two loss scale keeps small gradients from underflowing (divided out exactly).
+        precision = str(trainer.precision)
+        scale = FP16_LOSS_SCALE if precision.startswith("16") else 1.0
+        if not precision.startswith(("32", "64")):
+            loss_fn = _under_precision(trainer.precision_plugin, loss_fn, scale)
+        pl_module.model = self.method.select(model, batches, loss_fn, seed=self.seed, loss_scale=scale)
         selection = self.method.selection
         asked = int(self.method.config.num_grad_samples)
         if self.method.needs_gradients and selection.gradient_samples < asked:
@@ -131,6 +144,14 @@ class SparseSelection(L.Callback):
             logger.log_image("gem/allocation", [str(png_path)])
             logger.log_table("gem/allocation_table", columns=list(rows[0]),
                              data=[[r[c] for c in rows[0]] for r in rows])
+
+
+def _under_precision(plugin, loss_fn, scale: float):
+    def loss(model, batch):
+        with plugin.forward_context():
+            return loss_fn(model, batch) * scale
+
+    return loss
 
 
 def _checksum(tensor: torch.Tensor) -> str:

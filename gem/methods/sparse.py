@@ -21,7 +21,7 @@ from .base import HEAD_PREFIX_KEY, Method, MethodError
 
 # GemConfig fields a run sets through `method.<key>` (the rest are PEFT's or written by the selection).
 OPTIONS = ("density", "score", "budget", "num_grad_samples", "eps", "min_per_matrix", "delta_init", "threshold",
-           "verify_untouched", "gradient_pass_mode")
+           "verify_untouched", "gradient_pass_mode", "gradient_pass_loss")
 
 
 def _tuner():
@@ -71,7 +71,11 @@ class SparseMask(Method):
         tuner = _tuner()
         self.head_parameter_names = set(head_parameter_names)
         self.config.modules_to_save = head_module_names(model, self.head_parameter_names) or None
-        self.config.task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+        causal = type(model).__name__.endswith("ForCausalLM")
+        self.config.task_type = "CAUSAL_LM" if causal else None
+        if self.config.gradient_pass_loss == "lm" and not causal:
+            raise MethodError(f"{self.name}: method.gradient_pass_loss=lm (the LM loss over prompt + answer) needs a "
+                              f"decoder model; {type(model).__name__} has a task head: use gradient_pass_loss=task")
         try:  # fail now, not after the gradient pass: targets that match nothing, an impossible density
             layers = tuner.select.target_layers(model, self.config)
             num_parameters = sum(p.numel() for p in model.parameters())
@@ -94,12 +98,14 @@ class SparseMask(Method):
         return {name: m.weight for name, m in tuner.select.target_layers(model, self.config).items()}
 
     # --- selection: the library's entry point, then the PEFT wrapper ----------------------------
-    def select(self, model: nn.Module, batches=None, loss_fn=None, *, seed: int = 0, device=None) -> nn.Module:
+    def select(self, model: nn.Module, batches=None, loss_fn=None, *, seed: int = 0, device=None,
+               loss_scale: float = 1.0) -> nn.Module:
         """Choose the entries (gradient pass when the score needs one) and return the wrapped model."""
         tuner = _tuner()
         self.config.seed = int(seed)
         try:
-            self.selection = tuner.select_entries(model, self.config, batches, loss_fn, device=device)
+            self.selection = tuner.select_entries(model, self.config, batches, loss_fn, device=device,
+                                                  loss_scale=loss_scale)
         except tuner.GemConfigError as error:
             raise MethodError(f"{self.name}: {error}") from None
         return self._wrap(model)

@@ -50,6 +50,9 @@ class GemConfig(PeftConfig):
     threshold: str = field(default="exact", metadata={"help": "exact top-k, or unsorted (the authors' quirk)"})
     gradient_pass_mode: str = field(default="eval", metadata={"help": "eval (dropout off in the gradient pass) or "
                                                                       "train (dropout on)"})
+    gradient_pass_loss: str = field(
+        default="task", metadata={"help": "run.py on decoders: task (the training loss, candidate scoring) or lm "
+                                          "(the authors' pass: plain LM loss over prompt + gold answer)"})
     seed: int = field(default=0, metadata={"help": "seed of the random score's draw"})
     verify_untouched: bool = field(default=True, metadata={"help": "run.py: count entries changed outside the mask"})
     modules_to_save: Optional[list[str]] = field(
@@ -85,7 +88,7 @@ class GemConfig(PeftConfig):
             raise GemConfigError(f"density={self.density!r} (method.density) is impossible; it must lie in (0, 1), "
                                  f"e.g. 0.001 for 0.1% of the model's parameters")
         for name, allowed in (("delta_init", ("zero", "w0")), ("threshold", ("exact", "unsorted")),
-                              ("gradient_pass_mode", ("eval", "train"))):
+                              ("gradient_pass_mode", ("eval", "train")), ("gradient_pass_loss", ("task", "lm"))):
             if getattr(self, name) not in allowed:
                 raise GemConfigError(f"{name}={getattr(self, name)!r} (method.{name}); choose one of {list(allowed)}")
         if isinstance(self.min_per_matrix, bool) or not isinstance(self.min_per_matrix, int) or self.min_per_matrix < 0:

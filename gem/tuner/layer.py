@@ -48,7 +48,7 @@ class GemLinear(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         # (adapter, ...) whose entries the dense weight holds now; None: W0 everywhere
         self._written: tuple | None = None
-        self._patterns: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._patterns: dict[str, tuple] = {}  # adapter -> (indices key, rows, cols, CSR pattern)
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(_after_load_hook)
         self.update_layer(adapter_name, indices, delta_init)
@@ -74,22 +74,18 @@ class GemLinear(nn.Module, BaseTunerLayer):
         adapter = self._applied_adapter()
         return self.gem_indices[adapter].numel() if adapter else 0
 
-    def rows_cols(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coordinates of the entries in the stored weight's layout ([out, in], or [in, out] for Conv1D)."""
-        idx = self.gem_indices[adapter]
-        width = self.base_layer.weight.shape[1]
-        return idx // width, idx % width
-
-    def selection_pattern(self, adapter: str) -> torch.Tensor:
-        """The CSR pattern of the adapter's entries (for the backward), cached per indices tensor."""
+    def geometry(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, CSR pattern) of the adapter's entries in the stored weight's layout ([out, in],
+        or [in, out] for Conv1D), built once per indices tensor (the backward needs all three)."""
         idx = self.gem_indices[adapter]
         key = (id(idx), idx.data_ptr(), idx._version, idx.device)
         cached = self._patterns.get(adapter)
         if cached is None or cached[0] != key:
-            rows, cols = self.rows_cols(adapter)
-            cached = (key, selection_pattern(rows, cols, tuple(self.base_layer.weight.shape)))
+            width = self.base_layer.weight.shape[1]
+            rows, cols = idx // width, idx % width
+            cached = (key, rows, cols, selection_pattern(rows, cols, tuple(self.base_layer.weight.shape)))
             self._patterns[adapter] = cached
-        return cached[1]
+        return cached[1], cached[2], cached[3]
 
     def _applied_adapter(self) -> str | None:
         """The adapter whose entries the forward uses: the active one unless adapters are disabled."""
@@ -140,10 +136,10 @@ class GemLinear(nn.Module, BaseTunerLayer):
         adapter = self._applied_adapter()
         self._write(adapter)
         if adapter is not None and torch.is_grad_enabled() and self.gem_delta[adapter].requires_grad:
-            rows, cols = self.rows_cols(adapter)
+            rows, cols, pattern = self.geometry(adapter)
             base = self.base_layer
             return SparseEntriesFunction.apply(x, base.weight, base.bias, self.gem_delta[adapter], rows, cols,
-                                               self.selection_pattern(adapter), self.transposed)
+                                               pattern, self.transposed)
         return self.base_layer(x, *args, **kwargs)
 
     # --- merging ---------------------------------------------------------------------------------

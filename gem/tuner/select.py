@@ -77,14 +77,17 @@ def target_layers(model: nn.Module, config: GemConfig) -> dict[str, nn.Module]:
 
 
 def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mapping[str, Any]] | None = None,
-                   loss_fn: LossFn | None = None, *, device: torch.device | None = None) -> Selection:
+                   loss_fn: LossFn | None = None, *, device: torch.device | None = None,
+                   loss_scale: float = 1.0) -> Selection:
     """Choose the entries GEM tunes and store them on `config` (then `get_peft_model(model, config)`).
 
     `batches`: model-input dicts with labels (only the first `config.num_grad_samples` examples
     are used; not needed when the score uses no gradients); `loss_fn(model, batch)`: the loss
     when it is not `model(**batch).loss`. The model leaves as it came (weights, flags, mode).
     Under torch.distributed every rank passes its share of the batches; the sums are
-    all-reduced, so every rank selects the same entries.
+    all-reduced, so every rank selects the same entries. `loss_scale`: a power of two the
+    `loss_fn` multiplied its loss by (fp16 autocast, so small gradients do not underflow); the
+    sums are divided by it again, exactly.
     """
     config.check_rules()
     rule = config.score_rule
@@ -108,6 +111,8 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
             weights, loss_fn=loss_fn or training_loss, squared_per_example=rule.squared_per_example, device=device,
             train_mode=config.gradient_pass_mode == "train")
         grads, seen = all_reduce_sums(grads, seen)
+        if loss_scale != 1.0:
+            grads = {name: g.div_(loss_scale ** (2 if rule.squared_per_example else 1)) for name, g in grads.items()}
         if seen == 0:
             raise GemConfigError("the gradient pass got no examples: `batches` is empty")
         if seen < int(config.num_grad_samples):
