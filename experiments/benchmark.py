@@ -80,15 +80,16 @@ RESULT_PREFIX = "BENCH_RESULT "
 # `--preset dispatch`: the CPU stand-in for a GPU's launch overhead. A random-init LLaMA-style
 # model so small (16 layers, hidden 64, a 256-token vocabulary, 2 x 16 tokens, one thread) that
 # the arithmetic is negligible and a step's time is what each module costs the host: Python,
-# autograd nodes, dispatcher calls. GEM's density 0.01 gives each of the 32 q/v matrices entries
-# (checked and reported); 0.001 would leave K below what entropy budgets spread over 32 matrices.
+# autograd nodes, dispatcher calls. GEM runs at density 0.01 with min_per_matrix=64, so each of
+# the 32 q/v matrices has entries (checked and reported): on random weights the entropy budgets
+# alone leave a few matrices at 0 even at density 0.05.
 DISPATCH = {
     "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 16, "num_attention_heads": 4,
               "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 64,
               "tie_word_embeddings": True},
     "args": {"batch_size": 2, "seq_len": 16, "threads": 1, "methods": "gem,full,lora,backward_floor",
-             "no_memory": True, "steps": 200, "warmup": 20, "gem_density": 0.01, "init": "pretrained",
-             "grad_batches": 4},
+             "no_memory": True, "steps": 200, "warmup": 20, "init": "pretrained", "grad_batches": 4,
+             "gem_option": ["density=0.01", "min_per_matrix=64"]},
 }
 NUM_LABELS = 2
 
@@ -111,8 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=3, help="steps run by each memory subprocess")
     p.add_argument("--grad-batches", type=int, default=4, help="batches in GEM's gradient pass")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-grad-kernel", default="auto", choices=["auto", "sddmm", "gather", "dense"],
-                   help="how GEM computes its k weight-gradient entries (gem/core/sparse_linear.py)")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
                    help="random: the model's architecture with random weights (see above)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -126,14 +125,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     p.add_argument("--preset", default=None, choices=["dispatch"],
                    help="dispatch: a step dominated by per-module host cost (see DISPATCH below)")
-    p.add_argument("--gem-density", type=float, default=None, help="GEM's method.density (default: its own)")
+    p.add_argument("--gem-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="a GEM option (method.<key> in run.py), e.g. density=0.01; repeatable")
     # Internal: the memory subprocess.
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p.add_argument("--masks-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.preset == "dispatch" and not args.single:
+    if args.preset == "dispatch" and not args.single:  # the preset's values, where the command line gave none
         for key, value in DISPATCH["args"].items():
-            setattr(args, key, value)
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.precision == "bf16" and args.device == "cpu":
         print("note: bf16 autocast on CPU is supported but rarely faster", file=sys.stderr)
@@ -216,6 +217,19 @@ def random_init_folder(cfg: dict, folder: Path, seed: int) -> dict:
     load_tokenizer(cfg).save_pretrained(folder)
     return {**cfg, "pretrained": str(folder), "kind": "decoder" if decoder else "encoder",
             "name": f"{cfg.get('name') or source} (random init)"}
+
+
+def gem_options(args) -> dict:
+    """`--gem-option key=value` pairs, values read as YAML scalars (0.01, 64, true, ratio)."""
+    import yaml
+
+    options = {}
+    for item in args.gem_option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--gem-option {item!r}: use KEY=VALUE, e.g. density=0.01")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def dispatch_folder(folder: Path, seed: int) -> dict:
@@ -346,7 +360,7 @@ def build(args, cfg: dict, name: str, device: torch.device, masks_file: str | No
 
     torch.manual_seed(args.seed)
     loaded = load(args, cfg, device)
-    options = {"density": args.gem_density} if name == "gem" and args.gem_density else {}
+    options = gem_options(args) if name == "gem" else {}
     method = backward_floor_method() if name == "backward_floor" else \
         build_method(name, cfg.get("target_modules"), **options)
     model = method.prepare(loaded.model, loaded.head_parameter_names)
@@ -487,8 +501,9 @@ def run_memory_subprocess(args, name: str, masks_file: str | None) -> dict:
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--mem-steps", str(args.mem_steps), "--grad-batches", str(args.grad_batches),
            "--lr", str(args.lr), "--device", args.device, "--precision", args.precision,
-           "--threads", str(args.threads), "--seed", str(args.seed),
-           "--weight-grad-kernel", args.weight_grad_kernel]
+           "--threads", str(args.threads), "--seed", str(args.seed)]
+    for option in args.gem_option or []:
+        cmd += ["--gem-option", option]
     if args.task:
         cmd += ["--task", args.task] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     # with --init random, args.model already names the random-init folder the parent saved
@@ -642,9 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     device = torch.device(args.device)
-    from gem.core.sparse_linear import set_weight_grad_kernel, weight_grad_kernel
-
-    set_weight_grad_kernel(args.weight_grad_kernel)
+    from gem.core.sparse_linear import sddmm_supported
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
     cfg = model_config(args.model) if args.preset != "dispatch" or args.single else None
@@ -683,7 +696,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset == "dispatch":
         meta_dispatch = dispatch_overhead(results)
     meta = {"model": cfg.get("name", args.model), "device": str(device), "precision": args.precision,
-            "init": args.init, "weight_grad_kernel": weight_grad_kernel(device), "threads": args.threads,
+            "init": args.init, "weight_grad_kernel": "sddmm" if sddmm_supported(device) else "gather",
+            "threads": args.threads,
             "batch_size": args.batch_size, "seq_len": None if args.task else args.seq_len,
             "task": args.task, "timed_batch_lengths": lengths,
             "steps": args.steps, "warmup": args.warmup, "timing": args.timing, "torch": torch.__version__,

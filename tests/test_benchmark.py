@@ -144,3 +144,16 @@ def test_task_errors_say_what_to_use(model, task, message, data_dir):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["--model", model, "--methods", "gem", "--steps", "1", "--warmup", "0", "--no-memory",
                         "--batch-size", "2", "--threads", "1", "--data-dir", str(data_dir), "--task", task])
+
+
+def test_dispatch_preset_reports_host_overhead_per_module(tmp_path, capsys):
+    out = tmp_path / "dispatch.json"
+    benchmark.main(["--preset", "dispatch", "--steps", "3", "--warmup", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    meta = data["_meta"]
+    assert meta["threads"] == 1 and meta["batch_size"] == 2 and meta["seq_len"] == 16
+    assert set(data) - {"_meta"} == {"gem", "full", "lora", "backward_floor"}
+    dispatch = meta["dispatch"]
+    assert dispatch["target_modules"] == 32 and dispatch["gem_matrices_with_entries"] == 32  # every q/v has entries
+    assert set(dispatch["host_overhead_us_per_module"]) == {"gem", "lora"}
+    assert "host overhead per q/v module" in capsys.readouterr().out

@@ -128,41 +128,6 @@ def test_sampled_product_matches_gather_and_dense():
     torch.testing.assert_close(sparse_weight_grad(g16, x16, rows, cols, pattern=pattern), want)
 
 
-@pytest.mark.parametrize("kernel", ["sddmm", "gather", "dense"])
-def test_every_weight_grad_kernel_gives_the_same_entries(kernel):
-    from gem.core.sparse_linear import set_weight_grad_kernel, weight_grad_kernel
-
-    torch.manual_seed(0)
-    linear = nn.Linear(12, 9)
-    reference = copy.deepcopy(linear)
-    idx = random_indices(linear, 20, torch.Generator().manual_seed(0))
-    module = GemLinear(linear, "default", idx)
-    x = torch.randn(3, 5, 12)
-    assert weight_grad_kernel(torch.device("cpu")) == "sddmm"  # the CPU default
-    set_weight_grad_kernel(kernel)
-    try:
-        assert weight_grad_kernel(torch.device("cpu")) == kernel
-        module(x).pow(2).sum().backward()
-    finally:
-        set_weight_grad_kernel("auto")
-    reference.weight.requires_grad_(True)
-    reference(x).pow(2).sum().backward()
-    assert module.weight.grad is None and delta(module).grad.dtype == torch.float32
-    torch.testing.assert_close(delta(module).grad, reference.weight.grad.view(-1)[idx])
-
-
-def test_unknown_weight_grad_kernel_is_a_clear_error(monkeypatch):
-    from gem.core.sparse_linear import set_weight_grad_kernel, weight_grad_kernel
-
-    with pytest.raises(ValueError, match=r"Unknown weight-gradient kernel 'fast'; use one of auto, sddmm"):
-        set_weight_grad_kernel("fast")
-    monkeypatch.setenv("GEM_WEIGHT_GRAD_KERNEL", "cusparse")
-    with pytest.raises(ValueError, match=r"GEM_WEIGHT_GRAD_KERNEL='cusparse'; use one of"):
-        weight_grad_kernel(torch.device("cpu"))
-    monkeypatch.setenv("GEM_WEIGHT_GRAD_KERNEL", "gather")
-    assert weight_grad_kernel(torch.device("cpu")) == "gather"
-
-
 def test_pattern_follows_loaded_indices_and_survives_copies():
     gen = torch.Generator().manual_seed(3)
     linear = nn.Linear(8, 6)

@@ -14,9 +14,9 @@ into the k selected entries before a forward; the only trainable tensor is `delt
   gradient, dense AdamW moments, and lets decoupled weight decay move masked entries.)
 * the kernels of those k sums: a sampled dense-dense product (`torch.sparse.sampled_addmm`
   over a CSR pattern of the entries, built once per layer; about 8x faster than a gather
-  on one CPU core for MiniLM), a token-chunked gather where a device lacks it, and an
-  opt-in `dense` kernel (a transient [out, in] product, then a gather). All accumulate
-  in fp32 whatever the activation dtype.
+  on one CPU core for MiniLM), and a token-chunked gather where a device lacks it. Both
+  accumulate in fp32 whatever the activation dtype. (A transient dense [out, in] product
+  then a gather was measured on an H200 and was no faster end to end; results/README.md.)
 * `merged_values`: ``W0 + delta`` added in fp32 and rounded once, the one place the
   effective weight is computed, so training, merging and loading give identical weights.
 
@@ -28,10 +28,7 @@ uses it (`write_entries` says how the write stays out of autograd's way).
 
 from __future__ import annotations
 
-import os
 import warnings
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
@@ -40,13 +37,6 @@ import torch.nn.functional as F
 # the backward pass (2**26 fp32 = 256 MiB; peak is about 3x this: two gathers and
 # the fp32 casts). The token dimension is chunked to respect it.
 MAX_GATHER_ELEMENTS = 2**26
-# Largest [out, in] transient the `dense` kernel forms (2**26 fp32 = 256 MiB); larger
-# matrices use the sampled product (or the gather) even when `dense` is forced.
-MAX_DENSE_ELEMENTS = 2**26
-WEIGHT_GRAD_KERNELS = ("auto", "sddmm", "gather", "dense")
-_forced_kernel: str | None = None
-
-DeltaInit = Literal["zero", "w0"]
 
 
 def selection_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -82,46 +72,6 @@ def sddmm_supported(device: torch.device) -> bool:
     return _SDDMM_SUPPORT[kind]
 
 
-def set_weight_grad_kernel(name: str | None) -> None:
-    """Force the kernel of every sparse weight gradient (`sddmm`, `gather`, `dense`);
-    `auto` or None: the per-device choice of `weight_grad_kernel`."""
-    global _forced_kernel
-    if name is not None and name not in WEIGHT_GRAD_KERNELS:
-        raise ValueError(f"Unknown weight-gradient kernel {name!r}; use one of {', '.join(WEIGHT_GRAD_KERNELS)}.")
-    _forced_kernel = None if name in (None, "auto") else name
-
-
-def weight_grad_kernel(device: torch.device, shape: tuple[int, int] | None = None) -> str:
-    """The kernel `sparse_weight_grad` uses on `device` for a matrix of `shape` ([out, in]):
-    the forced one, else the sampled product where the device has it, else the gather."""
-    forced = _forced_kernel or os.environ.get("GEM_WEIGHT_GRAD_KERNEL") or "auto"
-    if forced not in WEIGHT_GRAD_KERNELS:
-        raise ValueError(f"GEM_WEIGHT_GRAD_KERNEL={forced!r}; use one of {', '.join(WEIGHT_GRAD_KERNELS)}.")
-    fits = shape is None or shape[0] * shape[1] <= MAX_DENSE_ELEMENTS
-    if forced == "dense" and fits:
-        return "dense"
-    if forced != "gather" and sddmm_supported(device):
-        return "sddmm"
-    return "gather"
-
-
-_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as float32; half-precision inputs keep the fp32 accumulator where the backend can."""
-    if a.dtype in (torch.bfloat16, torch.float16):
-        key = (a.device.type, a.dtype)
-        if _MM_OUT_DTYPE.get(key, True):
-            try:
-                out = torch.mm(a, b, out_dtype=torch.float32)
-                _MM_OUT_DTYPE[key] = True
-                return out
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MM_OUT_DTYPE[key] = False
-    return torch.mm(a, b).float()
-
-
 def sparse_weight_grad(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -132,21 +82,16 @@ def sparse_weight_grad(
 ) -> torch.Tensor:
     """dL/dW at (rows, cols); the weight's `.grad` is never formed.
 
-    `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens.
-    The kernel is `weight_grad_kernel(device)`'s: `sddmm` (needs `pattern`, from
-    `selection_pattern(rows, cols, (out, in))`, entries sorted row-major), `dense` (a
-    transient [out, in] product, then a gather) or the token-chunked `gather`. Returns
-    a float32 vector of length k.
+    `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens. With a
+    `pattern` (`selection_pattern(rows, cols, (out, in))`, entries sorted row-major) the
+    sampled product runs where the device has it; otherwise the token-chunked gather.
+    Returns a float32 vector of length k.
     """
     g = grad_out.reshape(-1, grad_out.shape[-1])
     xs = x.reshape(-1, x.shape[-1])
     if not rows.numel() or not g.shape[0]:
         return torch.zeros(rows.numel(), dtype=torch.float32, device=g.device)
-    kernel = weight_grad_kernel(g.device, (g.shape[1], xs.shape[1]))
-    if kernel == "dense":
-        dense = _mm_fp32_out(g.T, xs.to(g.dtype))
-        return dense.view(-1).index_select(0, rows * xs.shape[1] + cols)
-    if kernel == "sddmm" and pattern is not None:
+    if pattern is not None and sddmm_supported(g.device):
         return torch.sparse.sampled_addmm(pattern, g.T.float(), xs.float(), beta=0.0).values()
     return _gathered_weight_grad(g, xs, rows, cols, max_elements)
 
@@ -218,6 +163,8 @@ def merged_values(base_values: torch.Tensor, delta: torch.Tensor, dtype: torch.d
     The one place where the effective weight is computed, so that training, merging
     and loading a saved adapter give bit-identical weights.
     """
+    if base_values.dtype == delta.dtype == dtype == torch.float32:
+        return base_values + delta  # the same sum without three no-op casts (this runs every forward)
     return (base_values.float() + delta.float()).to(dtype)
 
 
@@ -230,7 +177,9 @@ def write_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     optimizers do not reliably bump versions (fused AdamW does not), so the layer does not
     try to detect changes: it writes k entries per forward.
     """
-    weight.data.view(-1).index_copy_(0, indices, values.detach().to(device=weight.device, dtype=weight.dtype))
+    if values.dtype != weight.dtype or values.device != weight.device:
+        values = values.to(device=weight.device, dtype=weight.dtype)
+    weight.data.view(-1).index_copy_(0, indices, values)
 
 
 def validate_indices(name: str, indices: torch.Tensor, numel: int) -> torch.Tensor:

@@ -91,7 +91,10 @@ class GemLinear(nn.Module, BaseTunerLayer):
         """The adapter whose entries the forward uses: the active one unless adapters are disabled."""
         if self._disable_adapters:
             return None
-        active = [a for a in self.active_adapters if a in self.gem_delta]
+        active = self._active_adapter
+        if isinstance(active, str):  # the common case, kept short: this runs every forward
+            return active if active in self.gem_delta else None
+        active = [a for a in active if a in self.gem_delta]
         if len(active) > 1:
             raise ValueError(f"GEM applies one adapter at a time, but {active} are active; choose one with "
                              f"model.set_adapter(name)")
@@ -104,8 +107,9 @@ class GemLinear(nn.Module, BaseTunerLayer):
             self._restore_base()
         if adapter is not None:
             weight = self.base_layer.weight
+            delta = self.gem_delta[adapter].detach()  # the write is outside autograd
             write_entries(weight, self.gem_indices[adapter],
-                          merged_values(self.gem_base_values[adapter], self.gem_delta[adapter], weight.dtype))
+                          merged_values(self.gem_base_values[adapter], delta, weight.dtype))
             self._written = (adapter,)
 
     def _restore_base(self) -> None:
