@@ -37,6 +37,11 @@ import torch.nn.functional as F
 # the backward pass (2**26 fp32 = 256 MiB; peak is about 3x this: two gathers and
 # the fp32 casts). The token dimension is chunked to respect it.
 MAX_GATHER_ELEMENTS = 2**26
+# Up to this many tokens per step the gather (4 small ops) beats the sampled product, whose
+# sparse-tensor set-up costs about 40 dispatcher calls: steps this small are bound by
+# per-module host cost (the `--preset dispatch` benchmark), not arithmetic. Paper-sized
+# batches (MiniLM: ~500 tokens) stay on the sampled product, and so on today's sums.
+SMALL_TOKENS = 64
 
 
 def selection_pattern(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -82,15 +87,21 @@ def sparse_weight_grad(
 ) -> torch.Tensor:
     """dL/dW at (rows, cols); the weight's `.grad` is never formed.
 
-    `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens. With a
-    `pattern` (`selection_pattern(rows, cols, (out, in))`, entries sorted row-major) the
-    sampled product runs where the device has it; otherwise the token-chunked gather.
+    `grad_out` has shape [..., out], `x` shape [..., in]; all leading dims are tokens. Small
+    steps (`SMALL_TOKENS`) take one gather; otherwise, with a `pattern`
+    (`selection_pattern(rows, cols, (out, in))`, entries sorted row-major), the sampled product
+    runs where the device has it, else the token-chunked gather.
     Returns a float32 vector of length k.
     """
     g = grad_out.reshape(-1, grad_out.shape[-1])
     xs = x.reshape(-1, x.shape[-1])
     if not rows.numel() or not g.shape[0]:
         return torch.zeros(rows.numel(), dtype=torch.float32, device=g.device)
+    if g.shape[0] <= SMALL_TOKENS:
+        g_sel, x_sel = g.index_select(1, rows), xs.index_select(1, cols)
+        if g_sel.dtype != torch.float32:
+            g_sel, x_sel = g_sel.float(), x_sel.float()
+        return g_sel.mul_(x_sel).sum(0)
     if pattern is not None and sddmm_supported(g.device):
         return torch.sparse.sampled_addmm(pattern, g.T.float(), xs.float(), beta=0.0).values()
     return _gathered_weight_grad(g, xs, rows, cols, max_elements)
