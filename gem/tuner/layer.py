@@ -92,8 +92,9 @@ class GemLinear(nn.Module, BaseTunerLayer):
         if self._disable_adapters:
             return None
         active = self._active_adapter
-        if isinstance(active, str):  # the common case, kept short: this runs every forward
-            return active if active in self.gem_delta else None
+        if isinstance(active, str) or len(active) == 1:  # the common case, kept short: it runs every forward
+            name = active if isinstance(active, str) else active[0]
+            return name if name in self.gem_delta else None
         active = [a for a in active if a in self.gem_delta]
         if len(active) > 1:
             raise ValueError(f"GEM applies one adapter at a time, but {active} are active; choose one with "
