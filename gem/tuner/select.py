@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
@@ -93,12 +93,8 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
     rule = config.score_rule
     layers = target_layers(model, config)
     num_parameters = sum(p.numel() for p in model.parameters())
-    eligible = sum(m.weight.numel() for m in layers.values())
-    try:
-        K = B.total_budget(float(config.density), num_parameters, eligible)
-    except ValueError as error:
-        raise GemConfigError(f"{error} (method.density)") from None
     weights = {name: module.weight for name, module in layers.items()}
+    _total_budget(config, num_parameters, weights)  # an impossible density fails before the gradient pass
 
     start = time.perf_counter()
     grads, seen = None, 0
@@ -122,23 +118,7 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
 
     start = time.perf_counter()
     detached = {name: w.detach() for name, w in weights.items()}
-    scores = entry_scores(config.score, grads, detached, eps=float(config.eps), num_samples=seen or None,
-                          generator=torch.Generator(device="cpu").manual_seed(int(config.seed)))
-    try:
-        budgets = B.split_budget(config.budget, scores, K, int(config.min_per_matrix))
-    except ValueError as error:
-        raise GemConfigError(str(error)) from None
-    if sum(budgets.values()) == 0:
-        raise GemConfigError(f"no entry selected: density={config.density} gives K={K} entries for {len(scores)} "
-                             f"target matrices, and the {config.budget!r} rule gave each of them 0 (budgets are "
-                             f"rounded down). Raise method.density to at least {len(scores) / num_parameters:.2g} "
-                             f"(K >= one entry per matrix) or target fewer matrices")
-    if config.threshold == "unsorted":
-        masks = {n: unsorted_threshold_indices(s, budgets[n]) if budgets[n] else top_k_flat_indices(s, 0)
-                 for n, s in scores.items()}
-    else:
-        masks = select_masks(scores, budgets)
-    allocation = B.allocation_table(scores, budgets)
+    masks, budgets, K, allocation = masks_from_sums(config, detached, grads, seen, num_parameters)
     selection_math_s = time.perf_counter() - start
 
     ranks = masks_agree_across_ranks(masks)
@@ -158,6 +138,53 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
     return Selection(total_budget=K, tuned=tuned, budgets=dict(budgets), gradient_samples=seen,
                      gradient_pass_s=gradient_pass_s, selection_math_s=selection_math_s, allocation=allocation,
                      ranks_with_identical_masks=ranks)
+
+
+def _total_budget(config: GemConfig, num_parameters: int, weights: Mapping[str, torch.Tensor]) -> int:
+    """K = floor(density * N) for these target matrices (GemConfigError naming method.density)."""
+    try:
+        return B.total_budget(float(config.density), num_parameters, sum(w.numel() for w in weights.values()))
+    except ValueError as error:
+        raise GemConfigError(f"{error} (method.density)") from None
+
+
+class Masks(NamedTuple):
+    """What `masks_from_sums` chose: sorted flat indices and budget per matrix, K, the allocation rows."""
+
+    indices: dict[str, torch.Tensor]
+    budgets: dict[str, int]
+    total_budget: int
+    allocation: list[dict]
+
+
+def masks_from_sums(config: GemConfig, weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor] | None,
+                    seen: int, num_parameters: int) -> Masks:
+    """Scores -> budgets -> top-k per matrix, from the gradient pass's sums: `select_entries`' math.
+
+    `weights`: W0 of the target matrices (natural order, as `target_layers`); `grads`: their
+    summed gradients over `seen` examples (None for a score that needs none); `num_parameters`:
+    N of K = floor(density * N). Apart from the gradient pass so that masks can be computed from
+    sums made elsewhere (e.g. prefix sums of one pass, experiments/stability.py) by the same code.
+    """
+    K = _total_budget(config, num_parameters, weights)
+    weights = {name: w.detach() for name, w in weights.items()}
+    scores = entry_scores(config.score, grads, weights, eps=float(config.eps), num_samples=seen or None,
+                          generator=torch.Generator(device="cpu").manual_seed(int(config.seed)))
+    try:
+        budgets = B.split_budget(config.budget, scores, K, int(config.min_per_matrix))
+    except ValueError as error:
+        raise GemConfigError(str(error)) from None
+    if sum(budgets.values()) == 0:
+        raise GemConfigError(f"no entry selected: density={config.density} gives K={K} entries for {len(scores)} "
+                             f"target matrices, and the {config.budget!r} rule gave each of them 0 (budgets are "
+                             f"rounded down). Raise method.density to at least {len(scores) / num_parameters:.2g} "
+                             f"(K >= one entry per matrix) or target fewer matrices")
+    if config.threshold == "unsorted":
+        masks = {n: unsorted_threshold_indices(s, budgets[n]) if budgets[n] else top_k_flat_indices(s, 0)
+                 for n, s in scores.items()}
+    else:
+        masks = select_masks(scores, budgets)
+    return Masks(masks, dict(budgets), K, B.allocation_table(scores, budgets))
 
 
 def _first_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator[Mapping[str, Any]]:
