@@ -203,17 +203,16 @@ class PackagedGGUF:
     arch: str  # the file's general.architecture, a key of _GGUF_ARCHS
     gguf_name: str
     cache_name: str
-    pip: str  # how to install it
     quantization: str  # what the weights went through before we dequantize them
 
 
 SMOLLM2 = PackagedGGUF(
     key="smollm2", title="SmolLM2-135M-Instruct", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", arch="llama",
-    gguf_name=SMOLLM2_GGUF_NAME, cache_name=SMOLLM2_CACHE_NAME, pip=SMOLLM2_PIP, quantization="Q4_1",
+    gguf_name=SMOLLM2_GGUF_NAME, cache_name=SMOLLM2_CACHE_NAME, quantization="Q4_1",
 )
 GEMMA3 = PackagedGGUF(
     key="gemma3", title="Gemma 3 270M", hub_id="google/gemma-3-270m", arch="gemma3",
-    gguf_name=GEMMA3_GGUF_NAME, cache_name=GEMMA3_CACHE_NAME, pip=GEMMA3_PIP,
+    gguf_name=GEMMA3_GGUF_NAME, cache_name=GEMMA3_CACHE_NAME,
     quantization="Q4_K_M (its matrices in Q4_K, Q5_0, Q6_K and Q8_0; the norms in F32)",
 )
 PACKAGED_GGUF = {spec.key: spec for spec in (SMOLLM2, GEMMA3)}
@@ -465,14 +464,17 @@ def _read_gguf_metadata(path: Path) -> tuple[dict, list]:
     return meta, reader.tensors
 
 
-def load_gguf_model(path: Path):
+def load_gguf_model(path: Path, arch: str | None = None):
     """A float32 ``*ForCausalLM`` built from a GGUF file by our own dequantize-and-rename (no transformers
-    GGUF weight loading, which refuses Q5_0); every parameter must come from the file."""
+    GGUF weight loading, which refuses Q5_0); every parameter must come from the file, whose
+    architecture must be ``arch`` when given."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     config = gguf_config(path)
     meta, tensors = read_gguf(path)
+    if arch is not None and meta["general.architecture"] != arch:
+        raise ModelLoadError(f"{path.name} holds a {meta['general.architecture']!r} model, not {arch!r}.")
     arch = _GGUF_ARCHS[meta["general.architecture"]]
     state = {}
     for name, weight in tensors.items():
@@ -553,7 +555,7 @@ def convert_packaged(spec: PackagedGGUF, force: bool = False) -> Path:
         log.info("Converting %s to float32 safetensors in %s (about a minute)...", spec.title, target)
         with gguf_file(spec) as gguf:
             types = gguf_tensor_types(gguf)
-            model = load_gguf_model(gguf)
+            model = load_gguf_model(gguf, arch=spec.arch)
             model.save_pretrained(str(tmp))
             max_pos = getattr(model.config, "max_position_embeddings", None)
             del model
@@ -713,7 +715,7 @@ def hub_model_cached(repo_id: str, revision: str | None = None) -> bool:
 def _offline_message(repo_id: str) -> str:
     return (
         f"Model '{repo_id}' is not in the local Hugging Face cache and the Hub is offline "
-        "(HF_HUB_OFFLINE=1). Use a packaged model (model=minilm for an encoder, model=smollm2-135m "
+        "(HF_HUB_OFFLINE=1). Use a packaged model (model=minilm for an encoder, model=smollm2-135m or gemma3-270m "
         "for a decoder; tiny test models: model=tiny-bert / tiny-llama), or go online "
         "(unset HF_HUB_OFFLINE, with network access) so the model can be downloaded."
     )
