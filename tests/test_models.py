@@ -1,7 +1,9 @@
 """Model sources and loading: packaged MiniLM / SmolLM2, GGUF conversion, Hub offline errors, tiny models.
 
-The SmolLM2 GGUF is loaded once per session (~20 s on CPU) and converted into a temporary
-GEM cache (GEM_CACHE_DIR), which the tiny decoder tests then reuse for its tokenizer.
+The SmolLM2 GGUF is converted once per session by GEM's converter (~30 s on CPU) into a temporary
+GEM cache (GEM_CACHE_DIR), which the tiny decoder tests then reuse for its tokenizer, and loaded once
+by transformers' own GGUF loader, the reference the converted model's logits are compared with.
+(Gemma 3 270M: tests/test_gemma3.py.)
 """
 
 from __future__ import annotations
@@ -30,23 +32,20 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="session")
 def gguf_loaded():
-    """(model, tokenizer) straight from the GGUF, loaded once."""
+    """(model, tokenizer) straight from the GGUF by transformers' GGUF loader, loaded once."""
     model, tok = packaged.load_smollm2_from_gguf()
     return model.eval(), tok
 
 
 @pytest.fixture(scope="session")
-def gem_cache(tmp_path_factory, gguf_loaded):
-    """A temporary GEM cache holding a fresh SmolLM2 conversion (reusing the session's GGUF load)."""
+def gem_cache(tmp_path_factory):
+    """A temporary GEM cache holding a fresh SmolLM2 conversion."""
     root = tmp_path_factory.mktemp("gem_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEM_CACHE_DIR", str(root))
-        mp.setattr(packaged, "load_smollm2_from_gguf", lambda dtype=torch.float32: gguf_loaded)
         t0 = time.time()
         folder = packaged.convert_smollm2()
         seconds = time.time() - t0
-        mp.undo()  # restore the real loader; keep GEM_CACHE_DIR below
-        mp.setenv("GEM_CACHE_DIR", str(root))
         yield {"root": root, "folder": folder, "seconds": seconds}
     shutil.rmtree(root, ignore_errors=True)  # ~540 MB of float32 weights
 
@@ -223,6 +222,11 @@ def test_cached_smollm2_matches_gguf_logits(gem_cache, gguf_loaded, offline):
     assert lm.model.dtype == torch.float32
     assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight  # tied, as in SmolLM2
     assert 134_000_000 < lm.num_parameters < 135_000_000
+    # GEM's own dequantize-and-rename gives transformers' GGUF weights bit for bit.
+    want_state = gguf_model.state_dict()
+    got_state = lm.model.state_dict()
+    assert sorted(got_state) == sorted(want_state)
+    assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
     assert lm.tokenizer.pad_token is not None and lm.model.config.pad_token_id == lm.tokenizer.pad_token_id
     text = "The capital of France is"
     ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]

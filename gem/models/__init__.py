@@ -1,6 +1,6 @@
 """Model sources (packaged / Hub / tiny test models) and loading for a task.
 
-See ``packaged`` (MiniLM and SmolLM2 from pip packages, SmolLM2 GGUF conversion,
+See ``packaged`` (MiniLM, SmolLM2 and Gemma 3 270M from pip packages, GGUF conversion,
 ``resolve_model_source``), ``loading`` (``load_model`` -> ``LoadedModel``) and ``tiny``
 (random tiny models for tests only).
 """
@@ -8,8 +8,11 @@ See ``packaged`` (MiniLM and SmolLM2 from pip packages, SmolLM2 GGUF conversion,
 from gem.models.loading import LoadedModel, load_model, new_parameter_names, normalize_task_kind
 from gem.models.packaged import (
     ModelLoadError,
+    convert_gemma3,
     convert_smollm2,
     gem_cache_root,
+    gemma3_cache_dir,
+    gemma3_path,
     minilm_path,
     model_kind,
     resolve_model_source,
@@ -21,8 +24,11 @@ from gem.models.packaged import (
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "convert_gemma3",
     "convert_smollm2",
     "gem_cache_root",
+    "gemma3_cache_dir",
+    "gemma3_path",
     "load_model",
     "minilm_path",
     "model_kind",

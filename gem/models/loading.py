@@ -116,7 +116,7 @@ def load_tokenizer(model_cfg: Any):
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"Could not load the tokenizer of {pretrained_id(cfg)!r} from {source!r}: {exc}\nOffline, use a packaged "
-            "model (model=minilm or model=smollm2-135m); otherwise check the id and your network."
+            "model (model=minilm, model=smollm2-135m or model=gemma3-270m); otherwise check the id and your network."
         ) from exc
     _ensure_pad_token(tokenizer, model_kind(cfg))
     return tokenizer
@@ -186,7 +186,7 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"Could not load model {pretrained!r} from {source!r}: {exc}\nOffline, use a packaged model "
-            "(model=minilm or model=smollm2-135m); otherwise check the id and your network."
+            "(model=minilm, model=smollm2-135m or model=gemma3-270m); otherwise check the id and your network."
         ) from exc
 
     _set_pad_token_id(model, tokenizer)
