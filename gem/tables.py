@@ -363,12 +363,40 @@ def _std(values: Sequence[float]) -> float | None:
 
 @dataclass
 class _Entry:
+    """One completed run in a cell: its score and dev score (×100) and what it was run with."""
+
     value: float
     dev: float | None
     seed: Any
-    sweep: tuple[str, ...]
+    sweep: tuple[str, ...]              # the values of the sweep keys, formatted
     path: str
-    settings: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()      # the values of the pooling check keys, formatted
+
+
+@dataclass
+class _Grouped:
+    """The completed records the table shows, by row and task, and the records it leaves out."""
+
+    # a row key is (model, method, the formatted group_by values)
+    cells: dict[tuple, dict[str, list[_Entry]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    group_values: dict[tuple, tuple] = field(default_factory=dict)          # row key -> the raw group_by values
+    tuned_pct: dict[tuple, list[float]] = field(default_factory=lambda: defaultdict(list))  # row key -> its runs'
+    main_metrics: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # task -> metrics read
+    left_out: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))    # status -> paths
+    missing_metric: list[str] = field(default_factory=list)                # completed, but without the metric
+
+
+@dataclass
+class _Notes:
+    """What the footer reports about the cells, one list per kind, filled while the cells are built."""
+
+    selections: list[str] = field(default_factory=list)   # per row: each task's setting chosen on dev
+    at_edge: list[str] = field(default_factory=list)      # chose an end of a numeric sweep
+    no_dev: list[str] = field(default_factory=list)       # a choice to make but no dev score to make it by
+    unshared: list[str] = field(default_factory=list)     # settings that share no seed
+    mixed: list[str] = field(default_factory=list)        # pool sweep settings (no dev selection)
+    repeated: list[str] = field(default_factory=list)     # count a seed more than once
+    differing: list[str] = field(default_factory=list)    # pool runs that differ in a pooling check key
 
 
 def build_table(records: Sequence[dict], *, metric: str | None = None, group_by: Sequence[str] = (),
@@ -387,18 +415,35 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
     group_by = tuple(KEY_ALIASES.get(k, k) for k in group_by)
     sweep_keys = tuple(k for k in (KEY_ALIASES.get(k, k) for k in sweep_keys) if k not in group_by)
     check_keys = tuple(k for k in POOLING_CHECK_KEYS if k not in group_by and k not in sweep_keys)
-    left_out: dict[str, list[str]] = defaultdict(list)
-    missing_metric: list[str] = []
-    cells: dict[tuple, dict[str, list[_Entry]]] = defaultdict(lambda: defaultdict(list))
-    row_info: dict[tuple, tuple] = {}
-    tuned: dict[tuple, list[float]] = defaultdict(list)
-    main_metrics: dict[str, set[str]] = defaultdict(set)
+    grouped = _collect_entries(records, metric=metric, group_by=group_by, sweep_keys=sweep_keys,
+                               check_keys=check_keys, tasks=tasks, methods=methods, models=models)
+    shown_tasks = list(tasks) if tasks else sorted({t for c in grouped.cells.values() for t in c}, key=task_sort_key)
+    # rows by model, then method order, then the raw group values (numbers as numbers)
+    ordered = sorted(grouped.cells, key=lambda k: (k[0], method_sort_key(k[1]),
+                                                   tuple(_value_sort_key(v) for v in grouped.group_values[k]), k[2]))
+    notes = _Notes()
+    rows = [_build_row(row_key, grouped, shown_tasks, select_by=select_by, sweep_keys=sweep_keys,
+                       check_keys=check_keys, notes=notes) for row_key in ordered]
+    # the caption names each column's metric, "mixed" when its runs were read by different ones
+    used = {t: sorted(grouped.main_metrics[t])[0] if len(grouped.main_metrics[t]) == 1 else "mixed"
+            for t in shown_tasks if grouped.main_metrics.get(t)}
+    return Table(rows=rows, tasks=shown_tasks, metric=metric, main_metrics=used, group_by=group_by,
+                 select_by=select_by, sweep_keys=sweep_keys, best=_mark_best(rows, shown_tasks, digits),
+                 notes=_table_notes(grouped, notes, metric=metric, sweep_keys=sweep_keys), digits=digits,
+                 left_out={k: sorted(v) for k, v in sorted(grouped.left_out.items())})
 
+
+def _collect_entries(records: Sequence[dict], *, metric: str | None, group_by: tuple[str, ...],
+                     sweep_keys: tuple[str, ...], check_keys: tuple[str, ...], tasks: Sequence[str] | None,
+                     methods: Sequence[str] | None, models: Sequence[str] | None) -> _Grouped:
+    """Each completed record of a shown model, task and method as an `_Entry` of its cell, in path
+    order; the others are counted as left out (by status) or as missing the metric."""
+    grouped = _Grouped()
     for record in sorted(records, key=lambda r: path_sort_key(str(r.get("_path", "")))):
         path = str(record.get("_path", "?"))
         status = str(record.get("status", "unknown"))
         if status != "completed":
-            left_out[status].append(path)
+            grouped.left_out[status].append(path)
             continue
         model, task, method = (str(record.get(k)) for k in ("model", "task", "method"))
         if (tasks and task not in tasks) or (methods and method not in methods) or (models and model not in models):
@@ -406,129 +451,149 @@ def build_table(records: Sequence[dict], *, metric: str | None = None, group_by:
         key = _metric_key(record, metric)
         value = (record.get("metrics") or {}).get(key) if key else None
         if not _is_number(value):
-            missing_metric.append(path)
+            grouped.missing_metric.append(path)
             continue
         dev_key = _metric_key(record, "dev")
         dev = (record.get("metrics") or {}).get(dev_key) if dev_key else None
         raw_group = tuple(lookup(record, k) for k in group_by)
         row_key = (model, method, tuple(format_value(v) for v in raw_group))
-        row_info[row_key] = raw_group
+        grouped.group_values[row_key] = raw_group
         sweep = tuple(format_value(lookup(record, k)) for k in sweep_keys)
         settings = tuple(format_value(lookup(record, k)) for k in check_keys)
-        cells[row_key][task].append(_Entry(float(value) * _SCALE, float(dev) * _SCALE if _is_number(dev) else None,
-                                           record.get("seed"), sweep, path, settings))
-        main_metrics[task].add(key)
+        grouped.cells[row_key][task].append(_Entry(float(value) * _SCALE,
+                                                   float(dev) * _SCALE if _is_number(dev) else None,
+                                                   record.get("seed"), sweep, path, settings))
+        grouped.main_metrics[task].add(key)
         pct = lookup(record, "params.tuned_pct")
         if _is_number(pct):
-            tuned[row_key].append(float(pct))
+            grouped.tuned_pct[row_key].append(float(pct))
+    return grouped
 
-    shown_tasks = list(tasks) if tasks else sorted({t for c in cells.values() for t in c}, key=task_sort_key)
-    ordered = sorted(cells, key=lambda k: (k[0], method_sort_key(k[1]), tuple(_value_sort_key(v) for v in row_info[k]),
-                                           k[2]))
-    rows: list[Row] = []
-    mixed: list[str] = []
-    repeated: list[str] = []
-    differing: list[str] = []
-    selections: list[str] = []
-    unshared: list[str] = []
-    no_dev: list[str] = []
-    at_edge: list[str] = []
-    for row_key in ordered:
-        model, method, group = row_key
-        row = Row(model, method, group, row_info[row_key],
-                  tuned_pct=_mean(tuned[row_key]) if tuned[row_key] else None)
-        label = "/".join([model, method, *group])
-        chosen_settings = []
-        for task in shown_tasks:
-            entries = cells[row_key].get(task)
-            if not entries:
-                continue
-            settings: dict[tuple, list[_Entry]] = defaultdict(list)
-            for entry in entries:
-                settings[entry.sweep].append(entry)
-            selected = None
-            dev_mean = None
-            if select_by == "dev" and sweep_keys:
-                # Settings are compared on the seeds they all have, so a setting run on one seed
-                # (a seed-1 LR sweep) is not favoured or penalised against one run on three.
-                shared = set.intersection(*({format_value(e.seed) for e in group} for group in settings.values()))
-                if not shared and len(settings) > 1:
-                    unshared.append(f"{label}/{task}")
 
-                def score(item):
-                    devs = [e.dev for e in item[1] if e.dev is not None
-                            and (not shared or format_value(e.seed) in shared)]
-                    return (_mean(devs) if devs else -math.inf, len(item[1]))
-                # the first best in sorted setting order wins ties: deterministic
-                best_setting, entries = max(sorted(settings.items(), key=lambda kv: tuple(
-                    _value_sort_key(_number_or_text(v)) for v in kv[0])), key=score)
-                if len(settings) > 1 and score((best_setting, entries))[0] == -math.inf:
-                    no_dev.append(f"{label}/{task}")
-                selected = dict(zip(sweep_keys, best_setting))
-                edge = _grid_edge(list(settings), best_setting)
-                if edge:
-                    at_edge.append(f"{label}/{task} ({sweep_keys[0]}={best_setting[0]}, the {edge} of "
-                                   f"{len(settings)})")
-                devs = [e.dev for e in entries if e.dev is not None]
-                dev_mean = _mean(devs) if devs else None
-                chosen_settings.append(f"{task}={','.join(best_setting)}")
-            elif len(settings) > 1:
-                mixed.append(f"{label}/{task}")
-            varied = [k for i, k in enumerate(check_keys) if len({e.settings[i] for e in entries}) > 1]
-            if varied:
-                differing.append(f"{label}/{task} ({', '.join(varied)})")
-            seeds = Counter(format_value(e.seed) for e in entries)
-            dupes = sorted(s for s, c in seeds.items() if c > 1)
-            if dupes:
-                repeated.append(f"{label}/{task} (seed {', '.join(dupes)})")
-            values = tuple(sorted(e.value for e in entries))
-            row.cells[task] = Cell(_mean(values), _std(values), len(values), values, selected, dev_mean,
-                                   len(settings))
-        if chosen_settings:
-            selections.append(f"{label}: {' '.join(chosen_settings)}")
-        if shown_tasks and all(t in row.cells for t in shown_tasks):
-            row.average = _mean([row.cells[t].mean for t in shown_tasks])
-        rows.append(row)
+def _build_row(row_key: tuple, grouped: _Grouped, tasks: list[str], *, select_by: str | None,
+               sweep_keys: tuple[str, ...], check_keys: tuple[str, ...], notes: _Notes) -> Row:
+    """One row: a cell per task with runs, the tuned share, and the average when no task is missing."""
+    model, method, group = row_key
+    tuned = grouped.tuned_pct[row_key]
+    row = Row(model, method, group, grouped.group_values[row_key], tuned_pct=_mean(tuned) if tuned else None)
+    label = "/".join([model, method, *group])
+    chosen_settings = []
+    for task in tasks:
+        entries = grouped.cells[row_key].get(task)
+        if not entries:
+            continue
+        row.cells[task], chosen = _build_cell(entries, f"{label}/{task}", select_by=select_by,
+                                              sweep_keys=sweep_keys, check_keys=check_keys, notes=notes)
+        if chosen is not None:
+            chosen_settings.append(f"{task}={','.join(chosen)}")
+    if chosen_settings:
+        notes.selections.append(f"{label}: {' '.join(chosen_settings)}")
+    if tasks and all(t in row.cells for t in tasks):
+        row.average = _mean([row.cells[t].mean for t in tasks])
+    return row
 
+
+def _build_cell(entries: list[_Entry], where: str, *, select_by: str | None, sweep_keys: tuple[str, ...],
+                check_keys: tuple[str, ...], notes: _Notes) -> tuple[Cell, tuple[str, ...] | None]:
+    """A cell's statistics over its runs (with a dev selection, over the chosen setting's runs) and
+    the chosen setting (None without a selection); what the footer should say goes into `notes`."""
+    settings: dict[tuple, list[_Entry]] = defaultdict(list)
+    for entry in entries:
+        settings[entry.sweep].append(entry)
+    chosen = selected = dev_mean = None
+    if select_by == "dev" and sweep_keys:
+        chosen, entries, unshared, no_dev = _choose_setting(settings)
+        if unshared:
+            notes.unshared.append(where)
+        if no_dev:
+            notes.no_dev.append(where)
+        selected = dict(zip(sweep_keys, chosen))
+        edge = _grid_edge(list(settings), chosen)
+        if edge:
+            notes.at_edge.append(f"{where} ({sweep_keys[0]}={chosen[0]}, the {edge} of {len(settings)})")
+        devs = [e.dev for e in entries if e.dev is not None]
+        dev_mean = _mean(devs) if devs else None
+    elif len(settings) > 1:
+        notes.mixed.append(where)
+    varied = [k for i, k in enumerate(check_keys) if len({e.settings[i] for e in entries}) > 1]
+    if varied:
+        notes.differing.append(f"{where} ({', '.join(varied)})")
+    seeds = Counter(format_value(e.seed) for e in entries)
+    dupes = sorted(s for s, c in seeds.items() if c > 1)
+    if dupes:
+        notes.repeated.append(f"{where} (seed {', '.join(dupes)})")
+    values = tuple(sorted(e.value for e in entries))
+    return Cell(_mean(values), _std(values), len(values), values, selected, dev_mean, len(settings)), chosen
+
+
+def _choose_setting(settings: dict[tuple, list[_Entry]]) -> tuple[tuple[str, ...], list[_Entry], bool, bool]:
+    """The sweep setting with the best mean dev score and its runs, then two flags for the footer:
+    the settings share no seed (so each was judged on all its seeds), and there was a choice to
+    make but no dev score to make it by."""
+    # Settings are compared on the seeds they all have, so a setting run on one seed
+    # (a seed-1 LR sweep) is not favoured or penalised against one run on three.
+    shared = set.intersection(*({format_value(e.seed) for e in runs} for runs in settings.values()))
+    # the first best in sorted setting order wins ties: deterministic
+    in_order = sorted(settings.items(), key=lambda kv: tuple(_value_sort_key(_number_or_text(v)) for v in kv[0]))
+    best_setting, entries = max(in_order, key=lambda kv: _dev_score(kv[1], shared))
+    unshared = not shared and len(settings) > 1
+    no_dev = len(settings) > 1 and _dev_score(entries, shared)[0] == -math.inf
+    return best_setting, entries, unshared, no_dev
+
+
+def _dev_score(entries: list[_Entry], shared_seeds: set[str]) -> tuple[float, int]:
+    """A setting's rank: the mean dev score of its runs on the shared seeds (all its runs when no
+    seed is shared; -inf without a dev score), then how many runs it has."""
+    devs = [e.dev for e in entries if e.dev is not None
+            and (not shared_seeds or format_value(e.seed) in shared_seeds)]
+    return (_mean(devs) if devs else -math.inf, len(entries))
+
+
+def _mark_best(rows: list[Row], tasks: list[str], digits: int) -> set[tuple[int, str]]:
+    """(row index, task) of the best cell of each task column within each model, task "avg" for the
+    average column; compared as printed (rounded to `digits`), so ties are all bold. A column with
+    fewer than two entries in a model has no best."""
     best: set[tuple[int, str]] = set()
     for model in sorted({r.model for r in rows}):
         indices = [i for i, r in enumerate(rows) if r.model == model]
-        for task in [*shown_tasks, "avg"]:
+        for task in [*tasks, "avg"]:
             scored = [(i, rows[i].average if task == "avg" else
                        (rows[i].cells[task].mean if task in rows[i].cells else None)) for i in indices]
             scored = [(i, round(v, digits)) for i, v in scored if v is not None]
             if len(scored) > 1:
                 top = max(v for _, v in scored)
                 best.update((i, task) for i, v in scored if v == top)
+    return best
 
-    notes: list[str] = []
-    if left_out:
-        counts = ", ".join(f"{len(left_out[s])} {s}" for s in sorted(left_out))
-        paths = ", ".join(sorted((p for ps in left_out.values() for p in ps), key=path_sort_key))
-        notes.append(f"left out: {counts}: {paths}")
-    if missing_metric:
+
+def _table_notes(grouped: _Grouped, notes: _Notes, *, metric: str | None, sweep_keys: tuple[str, ...]) -> list[str]:
+    """The footer lines: runs left out, each row's settings chosen on dev, then the notes and
+    warnings about cells."""
+    lines: list[str] = []
+    if grouped.left_out:
+        counts = ", ".join(f"{len(grouped.left_out[s])} {s}" for s in sorted(grouped.left_out))
+        paths = ", ".join(sorted((p for ps in grouped.left_out.values() for p in ps), key=path_sort_key))
+        lines.append(f"left out: {counts}: {paths}")
+    if grouped.missing_metric:
         what = metric or "its task's main metric"
-        notes.append(f"left out: {len(missing_metric)} completed without {what}: {', '.join(sorted(missing_metric))}")
-    if selections:
-        notes.append(f"selected on dev ({', '.join(sweep_keys)}) per (model, task, method):")
-        notes.extend(f"  {line}" for line in selections)
-    for level, cells, what in (
-            ("note", at_edge, "chose the largest or smallest of the swept values, so the best setting may lie "
-                              "beyond the grid"),
-            ("warning", no_dev, "have no dev score to choose by (task.num_dev=0?); the setting with the most "
-                                "runs, then the first, is shown"),
-            ("warning", unshared, "have settings that share no seed, compared on all their seeds"),
-            ("warning", mixed, f"pool runs with different {', '.join(sweep_keys)} (use --select-by dev or "
-                               f"--group-by)"),
-            ("warning", repeated, "count a seed more than once (use --group-by to split them)"),
-            ("warning", differing, "pool runs that differ in a setting (use --group-by to split them)")):
-        if cells:
-            notes.append(f"{level}: {len(cells)} cell(s) {what}: {', '.join(cells)}")
-    used = {t: sorted(main_metrics[t])[0] if len(main_metrics[t]) == 1 else "mixed" for t in shown_tasks
-            if main_metrics.get(t)}
-    return Table(rows=rows, tasks=shown_tasks, metric=metric, main_metrics=used, group_by=group_by,
-                 select_by=select_by, sweep_keys=sweep_keys, best=best, notes=notes, digits=digits,
-                 left_out={k: sorted(v) for k, v in sorted(left_out.items())})
+        lines.append(f"left out: {len(grouped.missing_metric)} completed without {what}: "
+                     f"{', '.join(sorted(grouped.missing_metric))}")
+    if notes.selections:
+        lines.append(f"selected on dev ({', '.join(sweep_keys)}) per (model, task, method):")
+        lines.extend(f"  {line}" for line in notes.selections)
+    for level, where, what in (
+            ("note", notes.at_edge, "chose the largest or smallest of the swept values, so the best setting may "
+                                    "lie beyond the grid"),
+            ("warning", notes.no_dev, "have no dev score to choose by (task.num_dev=0?); the setting with the "
+                                      "most runs, then the first, is shown"),
+            ("warning", notes.unshared, "have settings that share no seed, compared on all their seeds"),
+            ("warning", notes.mixed, f"pool runs with different {', '.join(sweep_keys)} (use --select-by dev or "
+                                     f"--group-by)"),
+            ("warning", notes.repeated, "count a seed more than once (use --group-by to split them)"),
+            ("warning", notes.differing, "pool runs that differ in a setting (use --group-by to split them)")):
+        if where:
+            lines.append(f"{level}: {len(where)} cell(s) {what}: {', '.join(where)}")
+    return lines
 
 
 def _grid_edge(settings: list[tuple], chosen: tuple) -> str | None:
