@@ -146,7 +146,7 @@ def _flock(fd: int) -> bool:
 def acquire_lock(folder: str | os.PathLike) -> bool:
     """Hold `<folder>/.lock` for this process; True when newly taken, False when this process
     already holds it. Raises `RunFolderLocked` (writing nothing) when another run holds it."""
-    folder = Path(folder).absolute()
+    folder = Path(os.path.realpath(folder))  # one key for `outputs/x`, `/abs/outputs/x`, `a/../outputs/x`
     if str(folder) in _held:
         return False
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,13 +161,16 @@ def acquire_lock(folder: str | os.PathLike) -> bool:
         except FileNotFoundError:
             continue  # released in between: try to create it again
         try:
-            got = _flock(fd)
             holder = _read_holder(fd)
-            if not got:
+            if all(holder.get(k) == me[k] for k in ("host", "pid", "process_start")):
+                os.close(fd)  # this very process holds it, reached by another path (a hard link, a bind mount)
+                return False
+            if not _flock(fd):
                 raise RunFolderLocked(_held_message(path, holder, "that process is running"))
             if os.fstat(fd).st_ino != os.stat(path).st_ino:
                 os.close(fd)
                 continue  # replaced in between (its holder released it and another run took it)
+            holder = _read_holder(fd)  # as it is now that we hold it
             if holder.get("host") != me["host"]:
                 # We cannot see whether a process on another machine is alive: never take it over.
                 raise RunFolderLocked(_held_message(path, holder, "this machine cannot tell whether it is "
@@ -190,7 +193,7 @@ def acquire_lock(folder: str | os.PathLike) -> bool:
 
 
 def release_lock(folder: str | os.PathLike) -> None:
-    entry = _held.pop(str(Path(folder).absolute()), None)
+    entry = _held.pop(os.path.realpath(folder), None)
     if entry is None:
         return
     fd, path = entry
@@ -464,7 +467,8 @@ def open_run(cfg: DictConfig, run_dir: Path, preflight: Callable[[DictConfig], A
             try:
                 replacing = check_run_folder(cfg, run_dir)
             except RunSetupError as error:
-                log.error("refused: %s", error)  # the console and run.log; the folder's record is untouched
+                # the console and run.log; the folder's record is untouched
+                log.error("refused: %s", redact_override_text(str(error)))
                 raise
             try:
                 checked = preflight(cfg)
@@ -473,7 +477,7 @@ def open_run(cfg: DictConfig, run_dir: Path, preflight: Callable[[DictConfig], A
                     restore_hydra_files(run_dir)
                     error.add_note(f"overwrite=true refused: the completed run in {run_dir} was left as it was")
                     log.error("refused: %s (overwrite=true refused: the completed run in %s was left as it was)",
-                              error, run_dir)
+                              redact_override_text(str(error)), run_dir)
                     raise
                 run_dir.mkdir(parents=True, exist_ok=True)
                 terminated = end_record(new_record(cfg, run_dir, config_for_record(cfg)), error)
