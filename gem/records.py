@@ -2,7 +2,12 @@
 
 Tables are rebuilt from these records, so a record is flat enough for pandas and
 complete enough to regroup runs without rerunning anything. `status` is `completed`
-only when the run finished; a crashed run leaves `running` or `failed` behind.
+only when the run finished; a crashed run leaves `failed`, a run stopped by SIGTERM/SIGINT
+`terminated`, a killed one `running` behind.
+
+Secrets never reach a record: `redact_secrets` removes values under credential-like keys and
+values shaped like credentials (service tokens, generated-looking strings; `looks_random`),
+wherever the user supplied them.
 """
 
 from __future__ import annotations
