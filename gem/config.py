@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+
 from omegaconf import OmegaConf
 
 
@@ -40,6 +43,16 @@ def load_extensions(modules) -> list[str]:
     return names
 
 
+def run_suffix() -> str:
+    """The end of a default run folder's name: 6 random hex digits, after `a<task id>-` in a SLURM
+    array job. Two runs started in the same second (or array tasks on other nodes) get different
+    folders. Cached per config, so Hydra and the run see one value."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return (f"a{task}-" if task and task.isdigit() else "") + secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("lr_from_grid"):
         OmegaConf.register_new_resolver("lr_from_grid", lr_from_grid)
+    if not OmegaConf.has_resolver("run_suffix"):
+        OmegaConf.register_new_resolver("run_suffix", run_suffix, use_cache=True)

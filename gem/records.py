@@ -2,7 +2,12 @@
 
 Tables are rebuilt from these records, so a record is flat enough for pandas and
 complete enough to regroup runs without rerunning anything. `status` is `completed`
-only when the run finished; a crashed run leaves `running` or `failed` behind.
+only when the run finished; a crashed run leaves `failed`, a run stopped by SIGTERM/SIGINT
+`terminated`, a killed one `running` behind.
+
+Secrets never reach a record: `redact_secrets` removes values under credential-like keys and
+values shaped like credentials (service tokens, generated-looking strings; `looks_random`),
+wherever the user supplied them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,26 @@ RECORD_NAME = "results.json"
 RECORD_VERSION = 1
 _PACKAGES = ("torch", "lightning", "transformers", "datasets", "peft", "hydra-core", "wandb", "torchmetrics", "safetensors")
 # Keys that may hold secrets; they never reach a record. A key is secret when its name
-# contains one of _SECRET_PARTS or ends in "token" (hub_token, auth_token), except the
+# contains one of _SECRET_PARTS or ends in "token" or "key" (hub_token, wandb_key), except the
 # tokenizer's special tokens; `max_new_tokens` or `pad_token_id` are settings, not secrets.
-_SECRET_PARTS = ("api_key", "apikey", "password", "secret")
+_SECRET_PARTS = ("api_key", "apikey", "password", "passwd", "passphrase", "secret", "credential", "private_key",
+                 "access_key", "auth")
 _SPECIAL_TOKENS = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+# Keys whose values are hashes by design (a model revision, a commit, a checksum): a long hex or
+# random-looking value under them is an identifier, not a credential. Service tokens (hf_..., below)
+# are redacted under any key.
+_HASH_KEYS = ("revision", "commit", "sha", "hash", "checksum", "digest", "fingerprint")
+# Tokens of the common services, recognised by their shape wherever they appear in a string.
+_SERVICE_TOKEN = re.compile(
+    r"hf_[A-Za-z0-9]{20,}"                      # Hugging Face
+    r"|sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"    # OpenAI, Anthropic
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub
+    r"|glpat-[A-Za-z0-9_\-]{20,}"                # GitLab
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"                 # AWS access key id
+    r"|xox[abeoprs]-[A-Za-z0-9\-]{10,}"          # Slack
+    r"|wandb_v1_[A-Za-z0-9_]{20,}"                # wandb (new-style keys)
+)
+REDACTED = "<redacted>"
 
 
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e-?\d+)?)")
@@ -38,12 +59,59 @@ def path_sort_key(path: str) -> list:
     return [float(part) if i % 2 else part for i, part in enumerate(_NUMBER.split(path))]
 
 
+def _key_name(key: Any) -> str:
+    return str(key).lower().lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+
 def is_secret_key(key: Any) -> bool:
     """Whether a config key (its last dotted part) names a credential."""
-    name = str(key).lower().lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    name = _key_name(key)
     if any(part in name for part in _SECRET_PARTS):
         return True
-    return name.endswith("token") and name not in _SPECIAL_TOKENS
+    return (name.endswith("token") and name not in _SPECIAL_TOKENS) or name.endswith("key") or name == "pat"
+
+
+def _is_hash_key(key: Any) -> bool:
+    name = _key_name(key)
+    return any(part in name for part in _HASH_KEYS)
+
+
+_PATH_LIKE = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")  # org/name (a Hub id), a relative path of two parts
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=.]+")
+
+
+def looks_random(text: str) -> bool:
+    """A long string with the letter-and-digit mix of a generated key (a password or token given
+    under an innocent name): at least 20 letters and digits, high entropy, frequent switches
+    between lower case, upper case and digits; or 32+ hex digits (a wandb key is 40). Paths,
+    Hub ids (`org/name`) and words joined by `_`/`-` switch too rarely to qualify."""
+    import math
+    from collections import Counter
+
+    if (len(text) < 20 or text.startswith(("/", ".", "~")) or "://" in text or not _TOKEN_CHARS.fullmatch(text)
+            or _PATH_LIKE.fullmatch(text)):
+        return False
+    if re.fullmatch(r"[0-9a-fA-F]{32,}", text):
+        return True
+    core = re.sub(r"[^A-Za-z0-9]", "", text)
+    if len(core) < 20:
+        return False
+    kind = [c.isdigit() and "d" or c.isupper() and "u" or "l" for c in core]
+    switches = sum(a != b for a, b in zip(kind, kind[1:])) / (len(core) - 1)
+    counts = Counter(core)
+    entropy = -sum(n / len(core) * math.log2(n / len(core)) for n in counts.values())
+    return switches >= 0.3 and entropy >= 3.4 and len(set(kind)) >= 2
+
+
+def redact_value(text: str, key: Any = None) -> str:
+    """A user-given string with secrets taken out: service tokens anywhere in it; the whole value
+    when it looks generated (`looks_random`) and its key is not a hash's (`model.revision`)."""
+    if key is not None and is_secret_key(key):
+        return REDACTED
+    text = _SERVICE_TOKEN.sub(REDACTED, text)
+    if not (key is not None and _is_hash_key(key)) and looks_random(text):
+        return REDACTED
+    return text
 
 
 class RecordError(OSError):
@@ -87,25 +155,37 @@ def host_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus}
 
 
-def redact_secrets(value: Any) -> Any:
-    """Drop values under keys that look like credentials, and `key=value` overrides of such
-    keys inside strings, at any depth."""
+def redact_secrets(value: Any, key: Any = None) -> Any:
+    """Drop values under keys that look like credentials, values that look like tokens or
+    generated keys, and such `key=value` overrides inside strings, at any depth."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if is_secret_key(k) else redact_secrets(v)) for k, v in value.items()}
+        return {k: (REDACTED if is_secret_key(k) else redact_secrets(v, k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact_secrets(v) for v in value]
+        return [redact_secrets(v, key) for v in value]
     if isinstance(value, str):
-        return redact_override_text(value)
+        return redact_value(redact_override_text(value), key)
     return value
 
 
 _OVERRIDE = re.compile(r"((?:^|(?<=[,\s]))([+~]*[\w.\-/]+)=)([^,\s]*)")
 
 
+def _redact_override(match: re.Match) -> str:
+    key, value = match.group(2), match.group(3)
+    clean = redact_value(value, key)
+    return match.group(0) if clean == value else match.group(1) + clean
+
+
 def redact_override_text(text: str) -> str:
-    """`logger.api_key=abc` -> `logger.api_key=<redacted>` wherever it appears in `text`
-    (a single override, or Hydra's comma-joined `override_dirname`)."""
-    return _OVERRIDE.sub(lambda m: m.group(1) + "<redacted>" if is_secret_key(m.group(2)) else m.group(0), text)
+    """`logger.api_key=abc` -> `logger.api_key=<redacted>` wherever it appears in `text` (a single
+    override, Hydra's comma-joined `override_dirname`, a command-line argument), and so does a
+    token-like value under any key (`+note=hf_...`); service tokens are removed anywhere."""
+    return _SERVICE_TOKEN.sub(REDACTED, _OVERRIDE.sub(_redact_override, text))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with every argument redacted: what wandb stores as the run's `args`."""
+    return [argv[0], *(redact_override_text(a) for a in argv[1:])] if argv else []
 
 
 def redact_hydra_files(*folders: str | Path) -> list[Path]:

@@ -32,7 +32,11 @@ Layers (outermost first; each one is reported in ``SandboxResult.isolation`` and
    ``RLIMIT_NOFILE`` and ``RLIMIT_CORE = 0``.  The sandbox cannot raise them.
 4. **Namespaces** (when permitted, normally as root): a new *network* namespace (only a
    downed loopback: no connection can leave the process, not even to 127.0.0.1), a new
-   *IPC* namespace (System V / POSIX IPC objects die with the sample) and a new *mount*
+   *IPC* namespace (System V / POSIX IPC objects die with the sample), a new *PID* namespace
+   (the sample is its pid 1 and, with the mount namespace, gets its own ``/proc``: it sees no
+   host process, not even their ``/proc/<pid>/cmdline``; every process it starts dies with it;
+   where ``unshare(CLONE_NEWPID)`` is refused, or without the mount namespace, host processes
+   stay visible in ``/proc`` and the report says so) and a new *mount*
    namespace in which the whole file system is remounted read-only and ``nosuid``
    (recursively, via ``mount_setattr``), ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run``,
    ``/root`` and ``/home`` are covered by empty tmpfs (other samples' and users' files are
@@ -101,8 +105,9 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUTS = 0x04000000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _OPEN_TREE_CLONE = 1
@@ -469,7 +474,7 @@ def _isolation_summary(iso: dict) -> str:
     if not iso:
         return "isolation: unknown (launcher did not report)"
     parts = [f"uid={iso.get('uid')}" + ("" if iso.get("private_uid") else "(shared)"),
-             f"priv={iso.get('privileges')}", f"net={iso.get('network')}",
+             f"priv={iso.get('privileges')}", f"net={iso.get('network')}", f"pid={iso.get('pid')}",
              f"fs={iso.get('filesystem')}", "rlimits" if iso.get("rlimits") else "no-rlimits"]
     return "isolation: " + ", ".join(parts)
 
@@ -697,6 +702,21 @@ def _launcher_main(cfg: dict) -> None:  # pragma: no cover - runs in the child
         rep["network"] = "netns" if net else "audit-hook guard (no netns: %s)" % os.strerror(ctypes.get_errno())
         rep["ipc"] = "ipcns" if unshare(_CLONE_NEWIPC) else "shared"
         unshare(_CLONE_NEWUTS)
+        # PID namespace: only children enter it, so the launcher forks; the child is the sample's
+        # pid 1 (and gets its own /proc below), the launcher waits and exits as it did.
+        pidns = unshare(_CLONE_NEWPID)
+        rep["pid"] = "pidns" if pidns else "shared (no pid namespace: %s)" % os.strerror(ctypes.get_errno())
+        if pidns:
+            libc.prctl(_PR_SET_PDEATHSIG, L(signal.SIGKILL), L(0), L(0), L(0))  # dies with the caller
+            child = os.fork()
+            if child:
+                status = os.waitpid(child, 0)[1]
+                if os.WIFSIGNALED(status):
+                    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+                    os.kill(os.getpid(), os.WTERMSIG(status))
+                os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4)
+            if not cfg["mountns"]:
+                rep["pid"] = "pidns (host processes still visible in /proc: no mount namespace)"
 
         # 2. mount namespace: read-only world, hidden scratch dirs, private tmpfs workdir
         rep["filesystem"] = "permissions-only" if cfg["drop"] else "none (same user as caller)"
@@ -718,6 +738,8 @@ def _launcher_main(cfg: dict) -> None:  # pragma: no cover - runs in the child
                     _libc_call(libc.syscall, L(_SYS_MOVE_MOUNT), L(fd), ctypes.c_char_p(b""), L(_AT_FDCWD),
                                ctypes.c_char_p(os.fsencode(p)), L(_MOVE_MOUNT_F_EMPTY_PATH))
                     os.close(fd)
+                if pidns:  # this namespace's processes only: no host process's cmdline or environ
+                    mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
                 os.makedirs(cfg["workdir"], exist_ok=True)
                 mount("tmpfs", cfg["workdir"], "tmpfs", _MS_NOSUID | _MS_NODEV,
                       "size=%dm,nr_inodes=4096,mode=0700,uid=%d,gid=%d" % (cfg["workdir_mb"], cfg["uid"], cfg["gid"]))

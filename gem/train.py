@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ from gem.lit.resume import ResumeCheckpoint
 from gem.lit.sparse_selection import SparseSelection
 from gem.methods import build_method
 from gem.models import load_model
-from gem.records import RunRecord, process_rank, redact_hydra_files, redact_override_text
-from gem.run_checks import (check_accelerator, check_run_folder, check_setting_types, remove_run_outputs,
-                            requested_checkpoint, restore_hydra_files)
+from gem.records import RunRecord, process_rank, redact_secrets
+from gem.run_checks import check_accelerator, check_learning_rate, check_setting_types
+from gem.run_folder import open_run, redacted_argv, requested_checkpoint, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,13 @@ def build_logger(cfg: DictConfig, run_dir: Path):
                                "is configured: run `wandb login` or set WANDB_API_KEY, or stay offline "
                                "(the default) and `wandb sync` the run folder later")
         Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
+        for key in ("name", "tags", "notes", "group", "job_type"):  # what wandb stores and shows: no secrets
+            if key in logger_cfg:
+                logger_cfg[key] = redact_secrets(logger_cfg[key], key)
+        logger = hydra.utils.instantiate(logger_cfg)
+        with redacted_argv():  # wandb.init stores the command line (its `args`); start it now, redacted
+            logger.experiment
+        return logger
     return hydra.utils.instantiate(logger_cfg)
 
 
@@ -115,56 +121,17 @@ def fit_max_length(requested: int, model, tokenizer=None) -> tuple[int, str | No
                    f"model can embed ({limit} positions); sequences are truncated to {limit} instead")
 
 
-def _redact_hydra_output() -> None:
-    """Hydra saved the job's config and command-line overrides before the job started: take
-    secrets (an API key passed on the command line) out of those files, as out of the record."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or process_rank() != 0:
-        return
-    hydra_cfg = HydraConfig.get()
-    folders = []
-    if hydra_cfg.output_subdir is not None:
-        folders.append(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        folders.append(Path(hydra_cfg.sweep.dir))  # multirun.yaml
-    redact_hydra_files(*folders)
-
-
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
-    _redact_hydra_output()
-    # Before anything is written: a completed run's folder, or a killed run's record when the
-    # resume's settings differ, stays as it was.
-    replacing = check_run_folder(cfg, run_dir)
     started = time.perf_counter()
-    try:
-        checked = _preflight(cfg)
-    except BaseException as error:
-        if replacing:  # overwrite=true, but the new run cannot start: the completed run stays whole
-            restore_hydra_files(run_dir)
-            error.add_note(f"overwrite=true refused: the completed run in {run_dir} was left as it was")
-            raise
-        # a `failed` record, so a refused job of a multirun still shows in the table's footer
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _record_failure(_new_record(cfg, run_dir, _config_for_record(cfg)), error)
-        raise
-    if replacing:
-        remove_run_outputs(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = _new_record(cfg, run_dir, checked.config)
-    record.write()
-    try:
-        summary = _run(cfg, run_dir, record, checked)
-    except BaseException as error:  # record why, then let Hydra/the caller see the error
-        _record_failure(record, error)
-        raise
-    finally:
-        _finish_wandb()
-    record.data["time_s"]["total"] = round(time.perf_counter() - started, 3)
-    record.finish("completed")
+    # lock, folder checks, _preflight, then the record; it ends completed, failed or terminated
+    with open_run(cfg, run_dir, _preflight) as (record, checked):
+        try:
+            summary = _run(cfg, run_dir, record, checked)
+        finally:
+            _finish_wandb()
+        record.data["time_s"]["total"] = round(time.perf_counter() - started, 3)
     if process_rank() == 0:
         log.info(summary)
         if not logging.getLogger().handlers:  # under Hydra the log line already reaches the console
@@ -191,51 +158,21 @@ def _preflight(cfg: DictConfig) -> _Checked:
     # Method.__init__ takes a list or one name as a string
     target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
     method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
+    check_learning_rate(cfg, method.trains)  # a zero or negative LR, before the model loads
     return _Checked(config=config, method=method, eval_order=eval_order)
-
-
-def _new_record(cfg: DictConfig, run_dir: Path, config: dict) -> RunRecord:
-    record = RunRecord(run_dir, method=str(cfg.method.name), task=str(cfg.task.name), model=str(cfg.model.name),
-                       seed=cfg.get("seed"), config=config)
-    record.data["overrides"] = _command_overrides()
-    return record
-
-
-def _record_failure(record: RunRecord, error: BaseException) -> None:
-    """Finish the record as `failed`, with the error and its traceback (call inside `except`)."""
-    record.data["traceback"] = traceback.format_exc(limit=20)
-    record.finish("failed", error=f"{type(error).__name__}: {error}")
-
-
-def _config_for_record(cfg: DictConfig) -> dict:
-    """The config as resolved as it can be: an unresolvable value (the error's cause) stays as written."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def _command_overrides() -> list[str] | None:
-    """The job's command-line overrides (secrets redacted, without `ckpt_path`): with them the
-    manifest rebuilds the command that makes this run from scratch. Kept in the record because
-    Hydra rewrites `.hydra/overrides.yaml` at every start in the folder, a resume's included."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return [redact_override_text(str(o)) for o in HydraConfig.get().overrides.task if not str(o).startswith("ckpt_path=")]
 
 
 def _resume_checkpoint_callback(cfg: DictConfig, run_dir: Path):
     settings = cfg.get("resume_checkpoints") or {}
     if not settings.get("save_last", False):
         return None
-    return ResumeCheckpoint(run_dir / "lightning" / "last.ckpt", settings.get("every_n_train_steps"))
+    return ResumeCheckpoint(run_dir / "lightning" / "last.ckpt", settings.get("every_n_train_steps"),
+                            identity=run_identity(cfg))  # what a resume from it must repeat
 
 
 def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path, record: RunRecord) -> str | None:
     """`ckpt_path=last` means this run folder's own last checkpoint (`check_run_folder` made
-    sure it exists before the run started)."""
+    sure it exists, is intact and is this run's before the run started)."""
     requested = cfg.get("ckpt_path")
     if not requested:
         return None
@@ -298,7 +235,8 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
 
     if method.trains:
         with record.phase("fit"):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # weights_only: a checkpoint is data, never code, whatever torch's default says
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         module.restore_best()
     else:  # zero_shot: dev scored once (the record's and the table's dev column), nothing trained
         with record.phase("fit"):

@@ -146,22 +146,47 @@ def _read_local(spec: TaskSpec, root_arg: str) -> tuple[dict[str, list[dict]], s
 
 
 def _first_problem(path: Path, fmt: str) -> str | None:
-    """What is wrong with a file `datasets` could not read, in words (empty; a JSON line that
-    does not parse, with its number); None when nothing simple is found."""
+    """What is wrong with a file `datasets` could not read, in words and with its line number:
+    empty, a byte that is not UTF-8, a JSON line that does not parse, a TSV line with more or
+    fewer fields than the header; None when nothing simple is found."""
     try:
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
-            return "the file is empty"
-        if fmt == "jsonl":
-            with path.open(encoding="utf-8", errors="replace") as lines:
-                for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        try:
-                            json.loads(line)
-                        except ValueError as error:
-                            return f"line {number} is not valid JSON ({error}); truncated or corrupt?"
+        data = path.read_bytes()
     except OSError as error:
         return f"{type(error).__name__}: {error}"
+    if not data.strip():
+        return "the file is empty"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        return (f"line {line} holds a byte that is not UTF-8 (0x{data[error.start]:02x} at byte {error.start}); "
+                f"the file must be UTF-8: re-encode it (e.g. iconv -f latin1 -t utf-8)")
+    lines = text.splitlines()
+    if fmt == "jsonl":
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as error:
+                    return f"line {number} is not valid JSON ({error}); truncated or corrupt?"
+    if fmt == "tsv" and lines:
+        width = lines[0].count("\t") + 1
+        for number, line in enumerate(lines[1:], 2):
+            fields = line.count("\t") + 1
+            if line.strip() and fields != width:
+                more = "an extra column" if fields > width else "a missing column"
+                return (f"line {number} has {fields} tab-separated fields but the header has {width} ({more}; "
+                        f"a tab inside a text?)")
     return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """`datasets` wraps the parser's error ("An error occurred while generating the dataset"):
+    the innermost cause names what was wrong."""
+    seen = error
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(seen).__name__}: {seen}"
 
 
 def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
@@ -184,7 +209,7 @@ def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
         raise
     except Exception as error:  # a malformed file: say which one, and where if we can
         raise DataError(f"task {spec.name}: could not read {path} as {src.format}: "
-                        f"{_first_problem(path, src.format) or f'{type(error).__name__}: {error}'}; "
+                        f"{_first_problem(path, src.format) or _root_cause(error)}; "
                         f"restore the file from the dataset's official release") from error
     finally:
         if quiet:
