@@ -190,7 +190,7 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], sizes: dict[
 
 
 def measure(models: list[str], tasks: list[str], seeds: list[int], sizes: list[int], total: int, data_dir: str | None,
-            out: Path, batch_size: int = 4, overrides: list[str] = ()) -> dict:
+            out: Path, batch_size: int = 4, overrides: list[str] = (), skip: frozenset = frozenset()) -> dict:
     """Every pass (cached in out/masks), then the comparisons: the data of stability.json."""
     cache = out / "masks"
     cache.mkdir(parents=True, exist_ok=True)
@@ -198,6 +198,8 @@ def measure(models: list[str], tasks: list[str], seeds: list[int], sizes: list[i
     cells, passes = [], []
     for model_name in models:
         for task_name in tasks:
+            if f"{model_name}:{task_name}" in skip:
+                continue
             masks, facts = {}, {}
             for seed in seeds:
                 path = cache / f"{model_name}_{task_name}_seed{seed}_n{total}_b{batch_size}.pt"
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/stability", help="folder for stability.json, table.md, jaccard.png")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--skip", default="", help="model:task cells to leave out, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--sizes: give at least one size below --max-examples")
     out = Path(args.out)
     data = measure(_csv(args.models), _csv(args.tasks), _csv(args.seeds, int), sizes, args.max_examples,
-                   args.data_dir, out, args.batch_size, args.override)
+                   args.data_dir, out, args.batch_size, args.override, frozenset(_csv(args.skip)))
     data["command"] = "python experiments/stability.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "stability.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "table.md").write_text(table(data))
