@@ -43,7 +43,7 @@ _NUMBERS = [
 # Settings a resumed run may change: where things are read from and written to, not what trains
 # (the LR in effect is `optim.lr`; `lr_grids` also lists the other methods' grids).
 _RESUME_MAY_CHANGE = ("ckpt_path", "overwrite", "data_dir", "num_workers", "logger", "resume_checkpoints", "paths",
-                      "trainer.default_root_dir", "lr_grids")
+                      "trainer.default_root_dir", "lr_grids", "tags")
 # What a run writes into its folder; `overwrite=true` removes the previous run's before starting.
 _RUN_OUTPUTS = ("results.json", "checkpoint", "lightning", "allocation.csv", "allocation.png",
                 "generations_dev.jsonl", "generations_test.jsonl")
