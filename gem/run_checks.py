@@ -46,7 +46,7 @@ _RESUME_MAY_CHANGE = ("ckpt_path", "overwrite", "data_dir", "num_workers", "logg
                       "trainer.default_root_dir", "lr_grids", "tags")
 # What a run writes into its folder; `overwrite=true` removes the previous run's before starting.
 _RUN_OUTPUTS = ("results.json", "checkpoint", "lightning", "allocation.csv", "allocation.png",
-                "generations_dev.jsonl", "generations_test.jsonl")
+                "generations_dev.jsonl", "generations_test.jsonl", "evaluations")
 
 
 def check_setting_types(cfg: DictConfig) -> None:
