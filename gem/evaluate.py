@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                         "GEM_DATA_DIR, else the Hub)")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no evaluation.json")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     from gem.console import tidy_console
 
