@@ -14,6 +14,9 @@
 #   GEM_DATA_DIR  the data folder; default ../shared/data when it exists (empty: the Hugging Face Hub)
 #   PY            an interpreter of an environment you made yourself: nothing is installed
 #   PYTHON        the interpreter that creates .venv (python3)
+#   TORCH_CPU     what pip installs first without a GPU (torch==2.13.0: the CPU build from this machine's
+#                 package mirror; elsewhere on Linux add --index-url https://download.pytorch.org/whl/cpu
+#                 for the small CPU wheel); TORCH_GPU (torch) with one
 
 SHELL := /bin/bash
 PYTHON ?= python3
