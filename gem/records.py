@@ -234,6 +234,7 @@ def write_json_atomically(path: str | Path, data: dict) -> Path:
     text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; a record is an ordinary file
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -247,6 +248,35 @@ def write_json_atomically(path: str | Path, data: dict) -> Path:
         raise RecordError(f"could not write the run record {path}: {error}. Free disk space or "
                           f"point hydra.run.dir at a writable folder.") from error
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and put back)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give the files under `path` (or the file itself) the mode an ordinary `open` would give them
+    under the umask (0644 under 0022). Libraries that write through temporary files (safetensors)
+    leave 0600 files, which other users of a shared results folder cannot read."""
+    path = Path(path)
+    mask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        if item.is_file():
+            os.chmod(item, 0o666 & ~mask)
+        elif item.is_dir():
+            os.chmod(item, 0o777 & ~mask)
 
 
 def _json_default(value: Any) -> Any:

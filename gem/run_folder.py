@@ -53,10 +53,10 @@ LOCK_NAME = ".lock"
 # Settings a resumed run may change: where things are read from and written to, not what trains
 # (the LR in effect is `optim.lr`; `lr_grids` also lists the other methods' grids).
 _RESUME_MAY_CHANGE = ("ckpt_path", "overwrite", "resume_unverified", "data_dir", "num_workers", "logger",
-                      "resume_checkpoints", "paths", "trainer.default_root_dir", "lr_grids")
+                      "resume_checkpoints", "paths", "trainer.default_root_dir", "lr_grids", "tags")
 # What a run writes into its folder; `overwrite=true` removes the previous run's before starting.
 _RUN_OUTPUTS = ("results.json", "checkpoint", "lightning", "allocation.csv", "allocation.png",
-                "generations_dev.jsonl", "generations_test.jsonl")
+                "generations_dev.jsonl", "generations_test.jsonl", "evaluations")
 _IDENTITY_KEYS = ("method.name", "task.name", "model.name", "seed")
 # Where the Hydra callback keeps a completed run's `.hydra/` while `overwrite=true` is checked.
 HYDRA_BACKUP = ".hydra.before_overwrite"
@@ -427,6 +427,7 @@ def new_record(cfg: DictConfig, run_dir: Path, config: dict) -> RunRecord:
     record = RunRecord(run_dir, method=str(cfg.method.name), task=str(cfg.task.name), model=str(cfg.model.name),
                        seed=cfg.get("seed"), config=config)
     record.data["overrides"] = command_overrides()
+    record.data["tags"] = [str(tag) for tag in (cfg.get("tags") or [])]
     return record
 
 

@@ -22,13 +22,14 @@ from gem.config import load_extensions
 from gem.data import encoder_collator, load_task
 from gem.data.causal_collate import causal_collator
 from gem.lit.datamodule import TaskDataModule, check_eval_order
+from gem.lit.epoch_summary import EpochSummary
 from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.lit.resume import ResumeCheckpoint
 from gem.lit.sparse_selection import SparseSelection
 from gem.methods import build_method
 from gem.models import load_model
-from gem.records import RunRecord, process_rank, redact_secrets
+from gem.records import RunRecord, apply_umask, process_rank, redact_secrets
 from gem.run_checks import check_accelerator, check_learning_rate, check_setting_types
 from gem.run_folder import open_run, redacted_argv, requested_checkpoint, run_identity
 
@@ -227,6 +228,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
                                  resume_from=ckpt_path)
     resume_checkpoint = _resume_checkpoint_callback(cfg, run_dir)
     callbacks += [resume_checkpoint] if resume_checkpoint else []
+    callbacks.append(EpochSummary())  # a line per epoch: dev metrics, time, time left
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
                                                  enable_checkpointing=False)  # ours: ResumeCheckpoint
     if trainer.logger:
@@ -258,6 +260,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
         with record.phase("save"):
             checkpoint = method.save(model, run_dir / "checkpoint",
                                      extra_config={"base_model": cfg.model.pretrained, "task": task.name})
+            apply_umask(checkpoint)  # safetensors writes 0600 files
         record.data["checkpoint"] = str(checkpoint)
     if trainer.logger:
         trainer.logger.log_metrics({f"final/{k}": v for k, v in metrics.items()})
@@ -268,6 +271,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
         trainer.logger.save()
     main = f"test/{task.main_metric}"
     record.data["main_metric"] = main
-    return (f"[gem] {task.name} | {method.name} | {cfg.model.name} | seed {cfg.seed} | "
+    return (f"[{method.name}] {task.name} | {cfg.model.name} | seed {cfg.seed} | "
             f"{main}={metrics.get(main, float('nan')):.4f} (best dev epoch {module.best_epoch}) | "
-            f"tuned {tuned:,} = {params['tuned_pct']:.4f}% of {total:,}")
+            f"tuned {tuned:,} = {params['tuned_pct']:.4f}% of {total:,} | run folder {run_dir} "
+            f"(record: {record.path})")

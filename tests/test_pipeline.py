@@ -150,6 +150,8 @@ def test_offline_without_data_dir_is_a_fast_data_error(tmp_path, monkeypatch):
 class TestPredictions(Callback):
     """Each test example's prediction, keyed by its unpadded tokens (batches hold no example ids)."""
 
+    __test__ = False  # a Lightning callback, not a pytest test class
+
     def __init__(self):
         self.predictions: list[tuple] = []
 

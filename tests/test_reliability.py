@@ -182,7 +182,7 @@ def test_the_lock_is_released_when_a_run_fails_and_is_reentrant_in_one_process(t
     from gem.run_folder import acquire_lock, release_lock
 
     out = tmp_path / "run"
-    with pytest.raises(Exception, match="density=2 is impossible"):
+    with pytest.raises(Exception, match=r"density=2 \(method\.density\) is impossible"):
         run_in_process(tiny(data_dir, "method=gem", "method.density=2"), out)
     assert not (out / ".lock").exists()
     assert acquire_lock(out) and not acquire_lock(out)  # this process holds it: no self-refusal

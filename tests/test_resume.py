@@ -29,7 +29,7 @@ RESUMABLE = [*[o for o in TINY_RUN if not o.startswith(("task.num_train", "train
 # or an OOM kill, and the kill lands at a known step.
 _DIES_AFTER_CHECKPOINT = """
 import os, runpy, signal, sys
-sys.path.insert(0, os.path.dirname(sys.argv[2]))  # run.py's folder first (this checkout's gem), as `python run.py` has it
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[2])))  # gem from run.py's folder, as run.py imports it
 from gem.lit.resume import ResumeCheckpoint
 save, die_at = ResumeCheckpoint.save, int(sys.argv[1])
 def save_then_die(self, trainer):

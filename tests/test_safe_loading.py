@@ -101,7 +101,7 @@ def test_secrets_never_reach_the_record_or_the_log(tmp_path, data_dir):
     assert record["config"]["logger"]["api_key"] == "<redacted>"
     assert record["config"]["hub_token"] == "<redacted>"
     log_text = (run_dir / "run.log").read_text()
-    assert "[gem] rte | bitfit" in log_text  # the log is the run's own, and it was written
+    assert "[bitfit] rte | tiny-bert" in log_text  # the log is the run's own, and it was written
     assert SECRET not in log_text
     assert SECRET not in proc.stdout and SECRET not in proc.stderr
     # Hydra's own copies of the config and the command line, rewritten before training

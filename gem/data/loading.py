@@ -52,6 +52,8 @@ def load_task(task_cfg: Any, data_dir: str | os.PathLike | None = None, seed: in
     """Load one task (a `conf/task/<name>.yaml` config) and sample train/dev/test by the protocol."""
     spec = parse_task_config(task_cfg)
     root = resolve_data_dir(data_dir)
+    if root is None and _absolute_files(spec):
+        root = "/"  # the task names its files by absolute paths: no data_dir needed
     if root is not None:
         pools, source, fallback = _read_local(spec, root)
     else:
@@ -109,6 +111,11 @@ def _sample(spec: TaskSpec, pools: dict[str, list[dict]], seed: int, fallback: b
 # --------------------------------------------------------------------------- local files
 
 
+def _absolute_files(spec: TaskSpec) -> bool:
+    files = spec.local.files
+    return bool(files) and all(Path(str(rel)).expanduser().is_absolute() for rel in files.values())
+
+
 def _layout_text(spec: TaskSpec, root: Path) -> str:
     return "; ".join(f"{role}: {root / rel}" for role, rel in spec.local.files.items())
 
@@ -121,7 +128,8 @@ def _read_local(spec: TaskSpec, root_arg: str) -> tuple[dict[str, list[dict]], s
     if not spec.local.files:
         raise DataError(f"task {spec.name}: its config has no local layout (local.files); use the Hub "
                         f"(data_dir=None, GEM_DATA_DIR unset)")
-    paths = {role: root / rel for role, rel in spec.local.files.items()}
+    # relative to data_dir; an absolute (or ~) path is read where it is
+    paths = {role: root / Path(str(rel)).expanduser() for role, rel in spec.local.files.items()}
     missing = [role for role, path in paths.items() if not path.is_file()]
     fallback = False
     if "train" in missing and "test" not in missing and spec.missing_train == "split_validation":
@@ -143,6 +151,36 @@ def _read_local(spec: TaskSpec, root_arg: str) -> tuple[dict[str, list[dict]], s
         pools[role] = _examples(spec, spec.local, rows, role, str(path))
     folder = os.path.commonpath([str(paths[role].parent) for role in pools])
     return pools, f"local:{folder}", fallback
+
+
+def _read_advice(spec: TaskSpec, path: Path) -> str:
+    """What to do about a file that does not read: for one of the shipped tasks, restore the
+    official file; for one's own data, the format and reader settings to check."""
+    from gem.data.tasks import CONF_TASK_DIR
+
+    hint = _format_hint(spec, path)
+    if (CONF_TASK_DIR / f"{spec.name}.yaml").is_file() and spec.hub.path:
+        return (f"{hint}This is one of the shipped tasks: restore the file from the dataset's official release "
+                f"(or drop data_dir to read {spec.hub.path} from the Hub)")
+    return (f"{hint}Check local.format (tsv, csv, jsonl or json) and the reader options local.read "
+            f"(delimiter, quoting, header, column_names; README, \"Your own task\")")
+
+
+def _format_hint(spec: TaskSpec, path: Path) -> str:
+    """A likely format mix-up, from the file's first line."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+    except OSError:
+        return ""
+    fmt = spec.local.format
+    if fmt == "tsv" and "\t" not in first and "," in first:
+        return "The first line has commas and no tab: a comma-separated file is local.format: csv. "
+    if fmt == "csv" and "\t" in first and "," not in first:
+        return "The first line has tabs and no comma: a tab-separated file is local.format: tsv. "
+    if fmt in ("tsv", "csv") and first.lstrip().startswith(("{", "[")):
+        return "The file looks like JSON: local.format: jsonl (one object per line) or json. "
+    return ""
 
 
 def _first_problem(path: Path, fmt: str) -> str | None:
@@ -189,6 +227,17 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(seen).__name__}: {seen}"
 
 
+# Reader options by local.format; `local.read` adds to or replaces them (README, "Your own task").
+# tsv: the GLUE files (tab-separated, quote characters are text: quoting=3, csv.QUOTE_NONE);
+# csv: ordinary comma-separated files (a field with a comma or a line break is quoted: "a, b").
+# Empty fields stay "" (not NaN) in both.
+_CSV_DEFAULTS = {
+    "tsv": {"delimiter": "\t", "quoting": 3, "keep_default_na": False, "na_filter": False},
+    "csv": {"delimiter": ",", "quoting": 0, "keep_default_na": False, "na_filter": False},
+}
+LOCAL_FORMATS = ("tsv", "csv", "jsonl", "json")
+
+
 def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
     import datasets
 
@@ -198,19 +247,21 @@ def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
     if quiet:  # no progress bars for small local files; restored below
         datasets.disable_progress_bars()
     try:
-        if src.format == "tsv":
-            options = {"delimiter": "\t", "quoting": 3, "keep_default_na": False, "na_filter": False, **read}
+        if src.format in _CSV_DEFAULTS:
+            options = {**_CSV_DEFAULTS[src.format], **read}
             ds = datasets.load_dataset("csv", data_files={"data": str(path)}, split="data", **options)
         elif src.format in ("jsonl", "json"):
             ds = datasets.load_dataset("json", data_files={"data": str(path)}, split="data", **read)
         else:
-            raise DataError(f"task {spec.name}: local.format must be tsv, jsonl or json, got {src.format!r}")
+            raise DataError(f"task {spec.name}: local.format must be one of {', '.join(LOCAL_FORMATS)}, "
+                            f"got {src.format!r}")
     except DataError:
         raise
     except Exception as error:  # a malformed file: say which one, and where if we can
-        raise DataError(f"task {spec.name}: could not read {path} as {src.format}: "
-                        f"{_first_problem(path, src.format) or _root_cause(error)}; "
-                        f"restore the file from the dataset's official release") from error
+        raise DataError(f"task {spec.name}: could not read {path} as {src.format}"
+                        f"{f' (local.read: {read})' if read else ''}: "
+                        f"{_first_problem(path, src.format) or _root_cause(error)}. "
+                        f"{_read_advice(spec, path)}") from error
     finally:
         if quiet:
             datasets.enable_progress_bars()
@@ -322,8 +373,13 @@ def _examples(spec: TaskSpec, src: SourceSpec, rows: list[dict], role: str, wher
         try:
             ex = _example(spec, src, row, i, split)
         except (KeyError, IndexError, TypeError) as error:
+            hint = ""
+            if src is spec.local and len(row) == 1 and any(sep in str(next(iter(row))) for sep in (",", "\t", ";")):
+                hint = (f" (the whole line was read as one column {next(iter(row))!r}: local.format "
+                        f"{src.format!r} splits at the wrong delimiter; a comma-separated file is local.format: csv, "
+                        f"or set local.read.delimiter)")
             raise DataError(f"task {spec.name}: row {i} of {where} lacks a configured field ({error!r}); "
-                            f"its columns: {sorted(row)}; configured fields: {src.fields}") from error
+                            f"its columns: {sorted(row)}; configured fields: {src.fields}{hint}") from error
         if ex["uid"] in seen:
             raise DataError(f"task {spec.name}: duplicate uid {ex['uid']} in {where}; fix fields.uid")
         seen.add(ex["uid"])

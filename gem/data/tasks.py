@@ -71,10 +71,12 @@ class SourceSpec:
     fields: dict[str, Any]
     label_map: dict[str, str] | None = None
     # local
-    format: str | None = None  # tsv | jsonl | json
+    format: str | None = None  # tsv | csv | jsonl | json
     layout: str = "rows"  # rows | multirc | squad
-    files: dict[str, str] = field(default_factory=dict)  # role -> path relative to data_dir
-    read: dict[str, Any] = field(default_factory=dict)  # extra csv/json reader options
+    files: dict[str, str] = field(default_factory=dict)  # role -> path relative to data_dir (or absolute)
+    # reader options for datasets' csv builder (tsv, csv: delimiter, quoting, header, column_names,
+    # quotechar, escapechar, skiprows, ...) or json builder (jsonl, json: field)
+    read: dict[str, Any] = field(default_factory=dict)
     id_splits: dict[str, Any] | None = None  # {field, ranges: {split: [lo, hi]}, use: {role: split}}
     # hub
     path: str | None = None

@@ -81,7 +81,7 @@ class ResumeCheckpoint(L.Callback):
         partial = self.path.with_name(self.path.name + ".partial")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the full state (saying so quiets an INFO line)
         if trainer.is_global_zero:
             _fsync(partial)
             sidecar = Path(str(partial) + CHECKSUM_SUFFIX)

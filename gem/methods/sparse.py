@@ -148,7 +148,7 @@ class SparseMask(Method):
             raise MethodError(f"{self.name}: save expects the model returned by select (a peft model)")
         directory = Path(directory)
         model.peft_config["default"].base_model_name_or_path = (extra_config or {}).get("base_model")
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), save_embedding_layers=False)  # GEM never tunes embeddings
         config = {**self.describe(), HEAD_PREFIX_KEY: sorted(self.head_parameter_names), **(extra_config or {}),
                   **adapter_file_sizes(directory, self.tuned_count(model))}
         (directory / "method_config.json").write_text(json.dumps(config, indent=2, default=str))

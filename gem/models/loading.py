@@ -7,6 +7,7 @@ loaded as causal language models (the task is posed as text), with no new parame
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -22,6 +23,8 @@ from gem.models.packaged import (
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "load_tokenizer", "normalize_task_kind",
            "new_parameter_names"]
+
+_log = logging.getLogger(__name__)
 
 _TASK_ALIASES = {
     "classification": "classification",
@@ -75,6 +78,63 @@ def new_parameter_names(model: nn.Module, missing_keys: Iterable[str]) -> list[s
         if len(matches) == 1:
             wanted.add(matches[0])
     return [n for n in names if n in wanted]
+
+
+class _LoadReport:
+    """Holds back transformers' load report (a table of every missing key, logged as a warning) while a
+    model loads, then says in one line what it means when it is expected: an encoder's new task head.
+    Anything else the report names (an unexpected or mismatched key, a missing weight outside the
+    head, a decoder's missing weight) is logged as transformers wrote it. The loading progress bar
+    is off meanwhile."""
+
+    _LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> "_LoadReport":
+        from transformers.utils import logging as hf_logging
+
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        logging.getLogger(self._LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger(self._LOGGER).removeFilter(self)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+        if exc[0] is not None:
+            self.release()
+
+    def release(self) -> None:
+        logger = logging.getLogger(self._LOGGER)
+        for record in self.held:
+            logger.handle(record)
+        self.held = []
+
+    def explain(self, model: nn.Module, info: dict, head: list[str], kind: str, pretrained: str) -> None:
+        if not self.held:
+            return
+        missing = list(info.get("missing_keys") or ())
+        expected = (kind == "encoder" and head and not info.get("unexpected_keys") and not info.get("mismatched_keys")
+                    and len(new_parameter_names(model, missing)) == len(missing))
+        if not expected:
+            self.release()
+            return
+        self.held = []
+        count = sum(p.numel() for n, p in model.named_parameters() if n in set(head))
+        _log.info("%s: new task head initialised (%s; %s parameters), as expected for a pre-trained encoder "
+                  "fine-tuned on a task; every other weight loaded from %s", type(model).__name__, ", ".join(head),
+                  f"{count:,}", pretrained)
 
 
 def _ensure_pad_token(tokenizer, kind: str) -> None:
@@ -180,7 +240,8 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
                 )
             config = AutoConfig.from_pretrained(source, **remote, **config_kwargs)
             extra = {"config": config}
-        model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs, **extra)
+        with _LoadReport() as report:
+            model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs, **extra)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -192,6 +253,7 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
     _set_pad_token_id(model, tokenizer)
 
     head = new_parameter_names(model, info.get("missing_keys", ()))
+    report.explain(model, info, head, kind, pretrained)
     if kind == "decoder" and head:
         # A causal LM checkpoint should cover every parameter; say so loudly but go on.
         import warnings

@@ -23,6 +23,7 @@ from gem.core.delta import fingerprint
 from gem.core.gradient_pass import LossFn, accumulate_gradients, all_reduce_sums, training_loss
 from gem.core.scores import entry_scores
 from gem.core.selection import select_masks, top_k_flat_indices, unsorted_threshold_indices
+from gem.progress import Progress
 from gem.tuner.config import GemConfig, GemConfigError
 from gem.tuner.layer import is_conv1d
 
@@ -133,8 +134,7 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
         log.warning("GEM: %d of K=%d entries selected: some matrices' shares exceeded their size (or their scores "
                     "were NaN) and the rest is not redistributed, as in the authors' code", tuned, K)
     elif tuned < K:
-        log.info("GEM: %d of K=%d: each matrix's share is rounded down (floor(K * s_l / sum s)), which leaves "
-                 "fewer than one entry per matrix unspent", tuned, K)
+        log.info("GEM: %d fewer than K: each matrix's budget is rounded down to whole entries", K - tuned)
     return Selection(total_budget=K, tuned=tuned, budgets=dict(budgets), gradient_samples=seen,
                      gradient_pass_s=gradient_pass_s, selection_math_s=selection_math_s, allocation=allocation,
                      ranks_with_identical_masks=ranks)
@@ -203,18 +203,14 @@ def _first_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterato
         yield batch
 
 
-def _logged(batches: Iterable[Mapping[str, Any]], total: int, every_s: float = 10.0) -> Iterator[Mapping[str, Any]]:
-    """Pass the batches through, logging the gradient pass's progress (examples, elapsed, ETA)."""
-    start = last = time.perf_counter()
-    seen = 0
-    for batch in batches:
-        yield batch
-        seen += next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        now = time.perf_counter()
-        if now - last >= every_s and seen < total:
-            last = now
-            eta = (now - start) / seen * (total - seen)
-            log.info("GEM gradient pass: %d/%d examples, %.0fs elapsed, about %.0fs left", seen, total, now - start, eta)
+def _logged(batches: Iterable[Mapping[str, Any]], total: int) -> Iterator[Mapping[str, Any]]:
+    """Pass the batches through, logging the gradient pass's progress in examples (with time left)."""
+    enabled = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+    with Progress(total, "GEM gradient pass", log, unit="examples", enabled=enabled) as tracker:
+        for batch in batches:
+            yield batch
+            tracker.update(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
 
 def masks_agree_across_ranks(masks: Mapping[str, torch.Tensor]) -> int:
