@@ -79,9 +79,9 @@ class Setup:
         from gem.lit.causal_module import CausalLMModule
         from gem.lit.datamodule import TaskDataModule
         from gem.lit.module import FineTuneModule
-        from gem.methods import build_method
         from gem.models import load_model
-        from gem.train import fit_max_length, method_options
+        from gem.methods import method_from_config
+        from gem.models import fit_max_length
         from gem.tuner.select import target_layers
 
         base = [f"model={model_name}", f"task={task_name}", f"seed={seed}", f"batch_size={batch_size}",
@@ -92,8 +92,7 @@ class Setup:
         L.seed_everything(int(cfg.seed), workers=True)
         self.task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, self.task.kind, self.task.num_labels)
-        self.methods = {rule: build_method(c.method.name, c.method.get("target_modules") or c.model.target_modules,
-                                           **method_options(c.method)) for rule, c in self.cfgs.items()}
+        self.methods = {rule: method_from_config(c) for rule, c in self.cfgs.items()}
         for method in self.methods.values():  # freezes the model, fills each config's task type and K
             self.model = method.prepare(loaded.model, loaded.head_parameter_names)
         self.configs = {rule: m.config for rule, m in self.methods.items()}

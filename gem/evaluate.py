@@ -112,7 +112,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", task: str | None = No
     from gem.lit.causal_module import CausalLMModule
     from gem.lit.datamodule import TaskDataModule, check_eval_order
     from gem.lit.module import FineTuneModule
-    from gem.train import fit_max_length
+    from gem.models import fit_max_length
 
     run_dir = Path(run_dir)
     if split not in SPLITS:

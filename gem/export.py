@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gem.methods import build_method
+from gem.methods import method_from_config
 from gem.models import load_model
 from gem.records import RECORD_NAME, read_record
 
@@ -65,13 +65,11 @@ def load_trained(run_dir: str | Path, allow_extensions: bool = False, trust_remo
 
     if allow_extensions:
         load_extensions(cfg.get("extensions"))  # the run's own scores/rules/methods, if it used any
-    from gem.train import method_options  # the same option filtering as the run itself
 
     kind = cfg.task.kind
     num_labels = 1 if kind == "regression" else max(2, len(cfg.task.get("label_names") or []))
     loaded = load_model(cfg.model, kind, num_labels)
-    targets = cfg.method.get("target_modules") or cfg.model.target_modules
-    method = build_method(cfg.method.name, targets, **method_options(cfg.method))
+    method = method_from_config(cfg)  # as the run built it
     model = method.prepare(loaded.model, loaded.head_parameter_names)
     model = method.load(model, checkpoint)
     return model, loaded.tokenizer, method, record

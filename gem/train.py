@@ -27,16 +27,14 @@ from gem.lit.causal_module import CausalLMModule
 from gem.lit.module import FineTuneModule
 from gem.lit.resume import ResumeCheckpoint
 from gem.lit.sparse_selection import SparseSelection
-from gem.methods import build_method
-from gem.models import load_model
+from gem.methods import method_from_config
+from gem.models import fit_max_length, load_model
 from gem.records import RunRecord, apply_umask, process_rank, redact_secrets
 from gem.run_checks import check_accelerator, check_learning_rate, check_setting_types
 from gem.run_folder import open_run, redacted_argv, requested_checkpoint, run_identity
 
 log = logging.getLogger(__name__)
 
-# Method-config keys that are run settings, not constructor options of the method.
-_RUN_KEYS = {"name", "lr", "target_modules"}
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -85,43 +83,6 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def method_options(method_cfg: DictConfig) -> dict[str, Any]:
-    options = OmegaConf.to_container(method_cfg, resolve=True)
-    return {k: v for k, v in options.items() if k not in _RUN_KEYS}
-
-
-# Models whose position ids start after the padding index (pad_token_id + 1 positions unusable).
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text"}
-
-
-def model_max_positions(model, tokenizer=None) -> int | None:
-    """The longest sequence the model can embed: its position table (and the tokenizer's
-    model_max_length when that is a real limit); None when the model states none."""
-    config = getattr(model, "config", None)
-    limits = []
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(positions, int) and positions > 0:
-        if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
-            positions -= int(getattr(config, "pad_token_id", None) or 0) + 1
-        limits.append(positions)
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
-        limits.append(tokenizer_limit)
-    return min(limits) if limits else None
-
-
-def fit_max_length(requested: int, model, tokenizer=None) -> tuple[int, str | None]:
-    """Clamp a max_length beyond what the model can embed (it would crash on the first long
-    example, or silently read garbage positions) to the model's limit; the note says so."""
-    if requested < 1:
-        raise ValueError(f"task.max_length={requested} must be at least 1")
-    limit = model_max_positions(model, tokenizer)
-    if limit is None or requested <= limit:
-        return requested, None
-    return limit, (f"max_length {requested} (task.max_length, or model.max_length for decoders) exceeds what the "
-                   f"model can embed ({limit} positions); sequences are truncated to {limit} instead")
-
-
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the finished record's data."""
     run_dir = run_dir_of(cfg)
@@ -156,9 +117,7 @@ def _preflight(cfg: DictConfig) -> _Checked:
     config = OmegaConf.to_container(cfg, resolve=True)  # lr_grids[method][lr_index] and the like
     check_accelerator(cfg)
     eval_order = check_eval_order(str(cfg.get("eval_order") or "dataset"))
-    # Method.__init__ takes a list or one name as a string
-    target_modules = cfg.method.get("target_modules") or cfg.model.target_modules
-    method = build_method(cfg.method.name, target_modules, **method_options(cfg.method))
+    method = method_from_config(cfg)
     check_learning_rate(cfg, method.trains)  # a zero or negative LR, before the model loads
     return _Checked(config=config, method=method, eval_order=eval_order)
 

@@ -75,7 +75,7 @@ def test_checkpoint_reload_reproduces_dev_metric(method, method_runs, data_dir, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from gem.methods import build_method
     from gem.models import load_model
-    from gem.train import method_options
+    from gem.methods import method_options
 
     record, run_dir, cfg, _ = method_runs(method)
     assert record["status"] == "completed"

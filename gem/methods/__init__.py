@@ -60,8 +60,24 @@ def build_method(name_or_cfg: str | Mapping, target_modules: Iterable[str] | Non
                       f"new code: gem.methods.register_method")
 
 
+# Method-config keys that are run settings, not constructor options of the method.
+RUN_KEYS = {"name", "lr", "target_modules"}
+
+
+def method_options(method_cfg: Any) -> dict[str, Any]:
+    """A run's `method` config without its run settings (name, lr, target_modules): the options."""
+    return {k: v for k, v in plain_dict(method_cfg).items() if k not in RUN_KEYS}
+
+
+def method_from_config(cfg: Any) -> Method:
+    """The method a run config names (`cfg.method`; targets from it or from `cfg.model`), as run.py builds it."""
+    targets = cfg.method.get("target_modules") or cfg.model.target_modules  # a list, or one name as a string
+    return build_method(cfg.method.name, targets, **method_options(cfg.method))
+
+
 __all__ = [
-    "METHODS", "Method", "MethodError", "build_method", "register_method", "find_target_linears",
+    "METHODS", "Method", "MethodError", "build_method", "method_from_config", "method_options", "register_method",
+    "find_target_linears",
     "FullFineTuning", "BitFit", "LoRA", "HoulsbyAdapter", "BottleneckAdapter", "LinearWithAdapter",
     "merge_for_export", "SparseMask", "ZeroShot",
 ]

@@ -5,7 +5,8 @@ See ``packaged`` (MiniLM, SmolLM2 and Gemma 3 270M from pip packages, GGUF conve
 (random tiny models for tests only).
 """
 
-from gem.models.loading import LoadedModel, load_model, new_parameter_names, normalize_task_kind
+from gem.models.loading import (LoadedModel, fit_max_length, load_model, model_max_positions, new_parameter_names,
+                                normalize_task_kind)
 from gem.models.packaged import (
     ModelLoadError,
     convert_gemma3,
@@ -23,6 +24,8 @@ from gem.models.packaged import (
 
 __all__ = [
     "LoadedModel",
+    "fit_max_length",
+    "model_max_positions",
     "ModelLoadError",
     "convert_gemma3",
     "convert_smollm2",

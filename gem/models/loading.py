@@ -270,3 +270,35 @@ def load_model(model_cfg: Any, task_kind: str, num_labels: int, label_names: lis
         pretrained=pretrained,
         extras={"task_kind": task, "loading_info": {k: sorted(v) for k, v in info.items() if k != "error_msgs"}},
     )
+
+
+# Models whose position ids start after the padding index (pad_token_id + 1 positions unusable).
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text"}
+
+
+def model_max_positions(model, tokenizer=None) -> int | None:
+    """The longest sequence the model can embed: its position table (and the tokenizer's
+    model_max_length when that is a real limit); None when the model states none."""
+    config = getattr(model, "config", None)
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+            positions -= int(getattr(config, "pad_token_id", None) or 0) + 1
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def fit_max_length(requested: int, model, tokenizer=None) -> tuple[int, str | None]:
+    """Clamp a max_length beyond what the model can embed (it would crash on the first long
+    example, or silently read garbage positions) to the model's limit; the note says so."""
+    if requested < 1:
+        raise ValueError(f"task.max_length={requested} must be at least 1")
+    limit = model_max_positions(model, tokenizer)
+    if limit is None or requested <= limit:
+        return requested, None
+    return limit, (f"max_length {requested} (task.max_length, or model.max_length for decoders) exceeds what the "
+                   f"model can embed ({limit} positions); sequences are truncated to {limit} instead")
