@@ -86,16 +86,3 @@ def check_learning_rate(cfg: DictConfig, trains: bool) -> None:
 
 def _example(key: str) -> str:
     return {"optim.lr": "1e-3", "method.density": "0.001", "optim.weight_decay": "0.0"}.get(key, "1")
-
-
-# Moved to gem.run_folder (the run folder's life cycle); kept importable from here.
-_MOVED = {"check_not_completed", "check_run_folder", "remove_run_outputs", "restore_hydra_files",
-          "requested_checkpoint", "config_changes", "HYDRA_BACKUP"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import gem.run_folder
-
-        return getattr(gem.run_folder, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -426,7 +426,7 @@ def test_a_gpu_trainer_without_a_gpu_says_which_trainer_to_use(tmp_path, data_di
 def test_a_resume_across_new_config_keys_and_other_folders(tmp_path, data_dir):
     # Keys added to the code since the killed run started are not "changed settings", and an
     # explicit checkpoint path may resume into another folder (trainer.default_root_dir differs).
-    from gem.run_checks import config_changes
+    from gem.run_folder import config_changes
 
     old = {"optim": {"lr": 0.001}, "task": {"label_map": {"0": "a"}, "x": float("nan")}, "lr_grids": {"lora": [1]},
            "trainer": {"default_root_dir": "/a"}}
