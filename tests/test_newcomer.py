@@ -115,7 +115,7 @@ def test_the_main_job_command_with_a_fast_override(tmp_path, data_dir):
     for noise in NOISE:
         assert noise not in output, noise
     assert len(logged) == len(set(logged)), "a log line is printed twice"
-    for path in (run_dir / "results.json", run_dir / "checkpoint" / "head.safetensors"):
+    for path in (run_dir / "results.json", run_dir / "checkpoint" / "adapter_model.safetensors"):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 

@@ -104,7 +104,7 @@ def test_two_runs_started_together_into_one_folder_one_runs_one_is_refused(tmp_p
     record = json.loads((out / "results.json").read_text())
     assert record["status"] == "completed"
     log = (out / "run.log").read_text()
-    assert log.count("[gem] rte | bitfit") == 1  # one run's log, not two interleaved
+    assert log.count("[bitfit] rte | tiny-bert") == 1  # one run's log, not two interleaved
     assert not (out / ".lock").exists()
 
 
