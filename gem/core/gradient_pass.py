@@ -50,7 +50,7 @@ def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
 
 
 def _per_example(batch: Mapping[str, torch.Tensor]) -> Iterable[dict]:
-    size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    size = batch_size(batch)
     for i in range(size):
         yield {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -93,13 +93,14 @@ def accumulate_gradients(
                     for (name, _), grad in zip(weights.items(), grads):
                         if grad is not None:
                             sums[name] += grad.float().square() if squared_per_example else grad.float()
-                seen += 1 if squared_per_example else _batch_size(unit)
+                seen += 1 if squared_per_example else batch_size(unit)
         if into_grad:  # taken before the context puts the callers' `.grad` back
             sums = {name: w.grad if w.grad is not None else torch.zeros_like(w) for name, w in weights.items()}
     return sums, seen
 
 
-def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+def batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+    """Examples in a model-input dict: the leading size of its first tensor."""
     return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
 
 

@@ -60,7 +60,7 @@ class GemLinear(nn.Module, BaseTunerLayer):
             raise ValueError("GEM needs a contiguous weight (flat indices address weight.view(-1))")
         indices = validate_indices(adapter_name, indices, weight.numel()).to(weight.device)
         self._restore_base()  # base values are read from W0, never from another adapter's entries
-        base = weight.detach().view(-1).index_select(0, indices).clone()
+        base = weight.detach().view(-1).index_select(0, indices)  # a new tensor, not a view
         self.gem_indices[adapter_name] = indices
         self.gem_base_values[adapter_name] = base
         start = base.float() if delta_init == "w0" else torch.zeros(base.shape, dtype=torch.float32,

@@ -20,7 +20,7 @@ from torch import nn
 
 from gem.core import budgets as B
 from gem.core.delta import fingerprint
-from gem.core.gradient_pass import LossFn, accumulate_gradients, all_reduce_sums, training_loss
+from gem.core.gradient_pass import LossFn, accumulate_gradients, all_reduce_sums, batch_size, training_loss
 from gem.core.scores import entry_scores
 from gem.core.selection import select_masks, top_k_flat_indices, unsorted_threshold_indices
 from gem.progress import Progress
@@ -193,7 +193,7 @@ def _first_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterato
     for batch in batches:
         if seen >= limit:
             return
-        size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+        size = batch_size(batch)
         if seen + size > limit:
             keep = limit - seen
             batch = {k: (v[:keep] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v)
@@ -210,7 +210,7 @@ def _logged(batches: Iterable[Mapping[str, Any]], total: int) -> Iterator[Mappin
     with Progress(total, "GEM gradient pass", log, unit="examples", enabled=enabled) as tracker:
         for batch in batches:
             yield batch
-            tracker.update(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+            tracker.update(batch_size(batch))
 
 
 def masks_agree_across_ranks(masks: Mapping[str, torch.Tensor]) -> int:
