@@ -378,7 +378,7 @@ def build(args, cfg: dict, name: str, device: torch.device, masks_file: str | No
         info["total_budget"] = method.total_budget
         info["gem_matrices_with_entries"] = sum(1 for _ in gem_modules(model))
     model.train()
-    optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, 0.0), lr=args.lr)
+    optimizer = method.optimizer_class(method.optimizer_param_groups(model, 0.0), lr=args.lr)
     batches = [to_device(b, device) for b in timed_batches(args, loaded.tokenizer, loaded.kind)]
     return {"name": name, "model": model, "method": method, "optimizer": optimizer, "batches": batches, "next": 0,
             "info": info, "num_parameters": loaded.num_parameters}

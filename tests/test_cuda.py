@@ -136,3 +136,26 @@ def test_gem_selection_and_fp16_gradscaler_training_on_cuda():
     for n, p in plain.items():  # the frozen rest: bit-identical
         if not any(n.startswith(m + ".") for m in layers):
             assert torch.equal(p.detach(), original[n]), n
+
+
+def test_flat_adamw_fused_on_cuda_matches_fused_adamw():
+    """GEM's one-vector update on a GPU (fused, as the Lightning module builds it) against torch's fused
+    AdamW over the same tensors, through an fp16 GradScaler with one overflowing step."""
+    from gem.core.flat_adamw import FlatAdamW
+
+    def run(cls):
+        gen = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(n, generator=gen).to(CUDA)) for n in (70, 3, 129, 513)]
+        optimizer = cls(params, lr=1e-3, weight_decay=0.01, fused=True)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+        for step in range(6):
+            loss = sum((p * (i + 1)).sum() for i, p in enumerate(params))
+            scaler.scale(loss * float("inf") if step == 2 else loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        return torch.cat([p.detach() for p in params]), scaler.get_scale()
+
+    (want, want_scale), (got, got_scale) = run(torch.optim.AdamW), run(FlatAdamW)
+    assert got_scale == want_scale == 2.0 ** 9
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

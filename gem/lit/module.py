@@ -134,11 +134,11 @@ class BestEpochModule(L.LightningModule):
         groups = self.method.optimizer_param_groups(self.model, self.optim["weight_decay"])
         if not groups:
             raise RuntimeError(f"method {self.method.name} left no trainable parameter; nothing to optimise")
-        # On a GPU one fused kernel updates every parameter (GEM: host cost per module matters there);
-        # on the CPU the default path, so CPU runs keep their bit-exact results.
+        # On a GPU the fused kernel (GEM: host cost per module matters there); on the CPU the default
+        # path, so CPU runs keep their bit-exact results. GEM's class updates all its deltas as one vector.
         fused = True if self.device.type == "cuda" else None
-        optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
-                                      eps=self.optim["eps"], fused=fused)
+        optimizer = self.method.optimizer_class(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+                                                eps=self.optim["eps"], fused=fused)
         # Not trainer.estimated_stepping_batches: it builds the train loader before a checkpoint is
         # restored, and Lightning then never hands the loader its saved position (mid-epoch resume).
         total = self.total_training_steps()

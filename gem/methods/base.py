@@ -31,6 +31,8 @@ class Method:
     name: str = "base"
 
     trains = True  # False: nothing trains (zero_shot); the run only scores dev and test
+    # The AdamW the training glue builds over `optimizer_param_groups` (GEM: one flat update).
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
 
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
         # One name given as a string (`model.target_modules=query`) is a list of one, not of letters.

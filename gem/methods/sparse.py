@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from gem.core.flat_adamw import FlatAdamW
+
 from ._common import head_module_names
 from .base import HEAD_PREFIX_KEY, Method, MethodError
 
@@ -35,6 +37,7 @@ class SparseMask(Method):
 
     name = "gem"
     selects_entries = True  # the training glue runs `select` before the first step
+    optimizer_class = FlatAdamW  # K deltas in dozens of small tensors: one update, not one per matrix
 
     def __init__(self, target_modules: Iterable[str] | None = None, **options):
         super().__init__(target_modules)
