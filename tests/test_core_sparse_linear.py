@@ -144,6 +144,26 @@ def test_sampled_product_matches_gather_and_dense(monkeypatch):
     torch.testing.assert_close(sparse_weight_grad(g16, x16, rows, cols, pattern=pattern), want)
 
 
+@pytest.mark.parametrize("kernel", ["small-step gather", "sampled product", "chunked gather"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernels_against_a_float64_reference(monkeypatch, kernel, dtype):
+    """Each path of the k sums, with fp32, bf16 and fp16 activations, against float64 sums of the same inputs."""
+    import gem.core.sparse_linear as sl
+
+    tokens = 40 if kernel == "small-step gather" else 300
+    monkeypatch.setattr(sl, "SMALL_TOKENS", 64)
+    torch.manual_seed(0)
+    g, x = torch.randn(tokens, 24).to(dtype), torch.randn(tokens, 32).to(dtype)
+    flat = torch.sort(torch.randperm(24 * 32)[:50]).values
+    rows, cols = flat // 32, flat % 32
+    pattern = selection_pattern(rows, cols, (24, 32)) if kernel == "sampled product" else None
+    got = sparse_weight_grad(g, x, rows, cols, pattern=pattern,
+                             max_elements=50 * 7 if kernel == "chunked gather" else sl.MAX_GATHER_ELEMENTS)
+    want = (g.double().T @ x.double())[rows, cols]
+    assert got.dtype == torch.float32  # accumulated in fp32 whatever the activations
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_pattern_follows_loaded_indices_and_survives_copies():
     gen = torch.Generator().manual_seed(3)
     linear = nn.Linear(8, 6)
@@ -151,7 +171,7 @@ def test_pattern_follows_loaded_indices_and_survives_copies():
     other = GemLinear(nn.Linear(8, 6), "default", random_indices(linear, 7, gen))
     module(torch.randn(2, 8)).sum().backward()  # builds and caches the pattern
     module.load_state_dict(other.state_dict())
-    assert torch.equal(module.geometry("default")[2].col_indices(), other.geometry("default")[1])
+    assert torch.equal(module.geometry("default").pattern.col_indices(), other.geometry("default").cols)
     clone = copy.deepcopy(module)
     x = torch.randn(3, 8)
     clone(x).sum().backward()
@@ -270,8 +290,13 @@ def test_half_precision_model_and_cpu_autocast(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fp32(x32)
     assert y.dtype == torch.bfloat16
+    # the input is saved for backward as the matmul reads it (bf16), as nn.Linear under autocast saves it
+    assert y.grad_fn.saved_tensors[0].dtype == torch.bfloat16
     y.float().sum().backward()
     assert x32.grad.dtype == torch.float32 and delta(fp32).grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = nn.Linear(16, 8)(x32)
+    assert plain.grad_fn._saved_mat1.dtype == torch.bfloat16  # the floor it matches
 
 
 def test_conv1d_layer_matches_its_dense_gradient():

@@ -124,39 +124,64 @@ def _gathered_weight_grad(
     return result
 
 
+class Geometry:
+    """Where a layer's k entries sit: rows and cols in the stored weight's layout, the CSR pattern
+    the sampled product needs, and whether the weight is GPT-2's Conv1D ([in, out]). One object,
+    built once per indices tensor, so the autograd function takes one argument for all of it."""
+
+    __slots__ = ("rows", "cols", "pattern", "transposed", "device_type")
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], transposed: bool):
+        self.rows, self.cols = indices // shape[1], indices % shape[1]
+        self.pattern = selection_pattern(self.rows, self.cols, shape)
+        self.transposed = transposed
+        self.device_type = indices.device.type  # the layer's device: where autocast is asked about
+
+
 class SparseEntriesFunction(torch.autograd.Function):
     """The layer's dense forward whose backward yields the gradient of `values` only.
 
     `weight` already holds W0 + delta at the selected entries (the layer writes them);
     `values` is passed only so that autograd connects the output to it. No gradient is
-    returned for `weight` (it is frozen): the point of this class. `transposed` is GPT-2's
-    Conv1D layout (weight [in, out], y = x @ W + b); otherwise nn.Linear's ([out, in]).
+    returned for `weight` (it is frozen): the point of this class. `geometry.transposed` is
+    GPT-2's Conv1D layout (weight [in, out], y = x @ W + b); otherwise nn.Linear's ([out, in]).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, rows, cols, pattern, transposed):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, rows, cols)
-        ctx.pattern = pattern  # a constant of the layer, not an autograd input
-        ctx.transposed = transposed
+    def forward(ctx, x, weight, bias, values, geometry):  # type: ignore[override]
+        ctx.x_dtype = x.dtype
+        if torch.is_autocast_enabled(geometry.device_type):
+            # Save the input as the matmul reads it (autocast would cast it anyway), as a plain linear
+            # does: half the memory of keeping the fp32 input for backward.
+            compute = torch.get_autocast_dtype(geometry.device_type)
+            if x.dtype != compute and x.is_floating_point():
+                x = x.to(compute)
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = geometry  # a constant of the layer, not an autograd input
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.values_dtype = values.dtype
-        return dense_forward(x, weight, bias, transposed)
+        return dense_forward(x, weight, bias, geometry.transposed)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, weight, rows, cols = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        geometry = ctx.geometry
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             # Under autocast grad_out may be bf16/fp16 while weight is fp32.
-            w = weight.to(grad_out.dtype)
-            grad_x = (grad_out @ (w.T if ctx.transposed else w)).to(x.dtype)
+            w = weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype)
+            grad_x = grad_out @ (w.T if geometry.transposed else w)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             # dL/dW[r, c] = sum_t left[t, r] * right[t, c]: (grad_out, x) for [out, in], (x, grad_out) for [in, out]
-            left, right = (x, grad_out) if ctx.transposed else (grad_out, x)
-            grad_values = sparse_weight_grad(left, right, rows, cols, pattern=ctx.pattern).to(ctx.values_dtype)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+            left, right = (x, grad_out) if geometry.transposed else (grad_out, x)
+            grad_values = sparse_weight_grad(left, right, geometry.rows, geometry.cols, pattern=geometry.pattern)
+            if grad_values.dtype != ctx.values_dtype:
+                grad_values = grad_values.to(ctx.values_dtype)
+        return grad_x, None, grad_bias, grad_values, None
 
 
 def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:

@@ -15,8 +15,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from gem.core.sparse_linear import (SparseEntriesFunction, merged_values, selection_pattern, validate_indices,
-                                    write_entries)
+from gem.core.sparse_linear import Geometry, SparseEntriesFunction, merged_values, validate_indices, write_entries
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -48,7 +47,8 @@ class GemLinear(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         # (adapter, ...) whose entries the dense weight holds now; None: W0 everywhere
         self._written: tuple | None = None
-        self._patterns: dict[str, tuple] = {}  # adapter -> (indices key, rows, cols, CSR pattern)
+        self._patterns: dict[str, tuple] = {}  # adapter -> (indices key, Geometry)
+        self._plan: _Plan | None = None  # what the next forward needs, resolved once (see `forward`)
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(_after_load_hook)
         self.update_layer(adapter_name, indices, delta_init)
@@ -74,18 +74,16 @@ class GemLinear(nn.Module, BaseTunerLayer):
         adapter = self._applied_adapter()
         return self.gem_indices[adapter].numel() if adapter else 0
 
-    def geometry(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, cols, CSR pattern) of the adapter's entries in the stored weight's layout ([out, in],
+    def geometry(self, adapter: str) -> Geometry:
+        """Rows, cols and CSR pattern of the adapter's entries in the stored weight's layout ([out, in],
         or [in, out] for Conv1D), built once per indices tensor (the backward needs all three)."""
         idx = self.gem_indices[adapter]
         key = (id(idx), idx.data_ptr(), idx._version, idx.device)
         cached = self._patterns.get(adapter)
         if cached is None or cached[0] != key:
-            width = self.base_layer.weight.shape[1]
-            rows, cols = idx // width, idx % width
-            cached = (key, rows, cols, selection_pattern(rows, cols, tuple(self.base_layer.weight.shape)))
+            cached = (key, Geometry(idx, tuple(self.base_layer.weight.shape), self.transposed))
             self._patterns[adapter] = cached
-        return cached[1], cached[2], cached[3]
+        return cached[1]
 
     def _applied_adapter(self) -> str | None:
         """The adapter whose entries the forward uses: the active one unless adapters are disabled."""
@@ -114,6 +112,7 @@ class GemLinear(nn.Module, BaseTunerLayer):
             self._written = (adapter,)
 
     def _restore_base(self) -> None:
+        self._plan = None
         if self._written is not None:
             adapter = self._written[0]
             if adapter in self.gem_indices:
@@ -134,18 +133,43 @@ class GemLinear(nn.Module, BaseTunerLayer):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged:
-            if not self._disable_adapters:
-                return self.base_layer(x, *args, **kwargs)
-            self.unmerge()
-        adapter = self._applied_adapter()
-        self._write(adapter)
-        if adapter is not None and torch.is_grad_enabled() and self.gem_delta[adapter].requires_grad:
-            rows, cols, pattern = self.geometry(adapter)
-            base = self.base_layer
-            return SparseEntriesFunction.apply(x, base.weight, base.bias, self.gem_delta[adapter], rows, cols,
-                                               pattern, self.transposed)
+        # The hot path, once per target module per step: a host cost that small GPU steps pay in
+        # full, so everything that does not change between steps is resolved once into a plan.
+        plan = self._plan
+        if plan is None or plan.state != (self._disable_adapters, self._active_adapter, self.merged_adapters) \
+                or plan.weight.data_ptr() != plan.weight_ptr:
+            plan = self._make_plan()
+        delta = plan.delta
+        if delta is None:  # merged, disabled, or no adapter of this layer active
+            return self.base_layer(x, *args, **kwargs)
+        values = plan.base + delta.detach() if plan.fp32 else merged_values(plan.base, delta.detach(), plan.dtype)
+        plan.flat_weight.index_copy_(0, plan.indices, values)  # W0 + delta at k entries; see write_entries
+        if delta.requires_grad and torch.is_grad_enabled():
+            return SparseEntriesFunction.apply(x, plan.weight, plan.bias, delta, plan.geometry)
         return self.base_layer(x, *args, **kwargs)
+
+    def _make_plan(self) -> _Plan:
+        if self.merged and self._disable_adapters:
+            self.unmerge()
+        adapter = None if self.merged else self._applied_adapter()
+        if not self.merged:
+            self._write(adapter)
+        weight = self.base_layer.weight
+        plan = _Plan()
+        plan.state = (self._disable_adapters, self._active_adapter, self.merged_adapters)
+        plan.weight, plan.weight_ptr, plan.delta = weight, weight.data_ptr(), None
+        if adapter is not None:
+            plan.delta, plan.base, plan.indices = self.gem_delta[adapter], self.gem_base_values[adapter], \
+                self.gem_indices[adapter]
+            plan.flat_weight, plan.bias, plan.dtype = weight.data.view(-1), self.base_layer.bias, weight.dtype
+            plan.fp32 = plan.base.dtype == plan.delta.dtype == weight.dtype == torch.float32
+            plan.geometry = self.geometry(adapter)
+        self._plan = plan
+        return plan
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): tensors move, the plan goes
+        self._plan = None
+        return super()._apply(fn, recurse)
 
     # --- merging ---------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -161,6 +185,7 @@ class GemLinear(nn.Module, BaseTunerLayer):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         self._written = (adapter, "merged")  # frozen in: later changes to the delta are not followed
         self.merged_adapters.append(adapter)
+        self._plan = None
 
     def unmerge(self) -> None:
         if self.merged:
@@ -213,8 +238,10 @@ class GemLinear(nn.Module, BaseTunerLayer):
         self._pending_base = set()
         self._written = None
         self._patterns = {}
+        self._plan = None
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._plan = None
         if self._written is not None and self._written[0] == adapter_name:
             self._restore_base()
         super().delete_adapter(adapter_name)
@@ -222,6 +249,7 @@ class GemLinear(nn.Module, BaseTunerLayer):
     def __getstate__(self):  # copies and pickles rebuild the CSR patterns instead of carrying them
         state = dict(super().__getstate__())
         state["_patterns"] = {}
+        state["_plan"] = None
         return state
 
     def __repr__(self) -> str:
@@ -230,6 +258,14 @@ class GemLinear(nn.Module, BaseTunerLayer):
     def extra_repr(self) -> str:
         sizes = {a: t.numel() for a, t in self.gem_indices.items()}
         return f"selected={sizes}, transposed={self.transposed}"
+
+
+class _Plan:
+    """A layer's forward, resolved: valid while `state` (disabled, active adapter, merged adapters)
+    and the weight's storage stay the same; every method that changes more drops it."""
+
+    __slots__ = ("state", "weight", "weight_ptr", "delta", "base", "indices", "flat_weight", "bias", "dtype",
+                 "fp32", "geometry")
 
 
 def _after_load_hook(module: GemLinear, incompatible_keys) -> None:
