@@ -324,3 +324,17 @@ def test_progress_logs_every_tenth_with_an_estimate(caplog):
         assert list(progress(range(3), desc="x", log=log, every_s=0.0)) == [0, 1, 2]
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["x 1/3 steps (33%)", "x 2/3 steps (67%)",
                                                                        "x done: 3 steps in 0.0s"]
+
+
+def test_gradient_pass_progress_counts_the_examples_there_are(caplog):
+    """num_grad_samples=1000 on a 200-example training set: the lines count to 200, not 1000."""
+    from torch.utils.data import DataLoader
+
+    from gem.tuner.select import _expected_examples, _logged
+
+    loader = DataLoader([{"x": i} for i in range(200)], batch_size=50)
+    assert _expected_examples(loader, 1000) == 200 and _expected_examples(loader, 120) == 120
+    assert _expected_examples(iter(list(loader)), 1000) == 1000  # a plain iterator: nothing to know
+    with caplog.at_level(logging.INFO, logger="gem.tuner.select"):
+        list(_logged(loader, _expected_examples(loader, 1000)))
+    assert "GEM gradient pass 50/200 examples (25%)" in caplog.records[0].getMessage()

@@ -104,7 +104,8 @@ def select_entries(model: nn.Module, config: GemConfig, batches: Iterable[Mappin
             raise GemConfigError(f"score={config.score!r} needs a gradient pass: pass batches (model-input dicts "
                                  f"with labels) to select_entries")
         grads, seen = accumulate_gradients(
-            model, _logged(_first_examples(batches, int(config.num_grad_samples)), int(config.num_grad_samples)),
+            model, _logged(_first_examples(batches, int(config.num_grad_samples)),
+                           _expected_examples(batches, int(config.num_grad_samples))),
             weights, loss_fn=loss_fn or training_loss, squared_per_example=rule.squared_per_example, device=device,
             train_mode=config.gradient_pass_mode == "train")
         grads, seen = all_reduce_sums(grads, seen)
@@ -201,6 +202,14 @@ def _first_examples(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterato
             size = keep
         seen += size
         yield batch
+
+
+def _expected_examples(batches: Iterable[Mapping[str, Any]], asked: int) -> int:
+    """How many examples the pass will see: `asked`, or fewer where a DataLoader's sampler says so."""
+    try:
+        return min(asked, len(batches.sampler))  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return asked
 
 
 def _logged(batches: Iterable[Mapping[str, Any]], total: int) -> Iterator[Mapping[str, Any]]:
