@@ -21,6 +21,7 @@ from gem.models.packaged import (
     smollm2_gguf_path,
     smollm2_path,
 )
+from gem.models import tiny  # noqa: E402,F401  (registers the `tiny:` model source)
 
 __all__ = [
     "LoadedModel",

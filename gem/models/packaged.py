@@ -710,6 +710,11 @@ def _offline_message(repo_id: str) -> str:
     )
 
 
+# `pretrained` prefixes that modules above this one serve: prefix -> (name after it, model config)
+# -> a local folder. `gem.models.tiny` registers "tiny:" (so this module never imports it).
+SOURCE_RESOLVERS: dict[str, Callable[[str, dict], str]] = {}
+
+
 def resolve_model_source(model_cfg: Any) -> tuple[str, dict]:
     """``(path_or_hub_id, from_pretrained kwargs)`` for a model config.
 
@@ -733,10 +738,9 @@ def resolve_model_source(model_cfg: Any) -> tuple[str, dict]:
         return smollm2_path(), kwargs
     if src == PACKAGED_GEMMA3:
         return gemma3_path(), kwargs
-    if src.startswith("tiny:"):
-        from gem.models import tiny
-
-        return tiny.tiny_checkpoint(src.split(":", 1)[1], seed=int(cfg.get("seed") or 0)), kwargs
+    for prefix, resolve in SOURCE_RESOLVERS.items():
+        if src.startswith(prefix):
+            return resolve(src[len(prefix):], cfg), kwargs
     if src.startswith("packaged:"):
         raise ModelLoadError(f"Unknown packaged model {src!r}; use {PACKAGED_MINILM}, {PACKAGED_SMOLLM2} "
                              f"or {PACKAGED_GEMMA3}.")

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from gem.models.loading import load_model
 from gem.models.packaged import (
     MARKER_NAME,
+    SOURCE_RESOLVERS,
     ModelLoadError,
     build_folder_atomically,
     gem_cache_root,
@@ -168,9 +170,10 @@ def tiny_checkpoint(name: str, seed: int = 0) -> str:
     return str(build_folder_atomically(target, build, is_valid))
 
 
-def _load_seeded(model_cfg: dict, task_kind: str, num_labels: int, label_names=None, seed: int = 0):
-    from gem.models.loading import load_model
+SOURCE_RESOLVERS["tiny:"] = lambda name, cfg: tiny_checkpoint(name, seed=int(cfg.get("seed") or 0))
 
+
+def _load_seeded(model_cfg: dict, task_kind: str, num_labels: int, label_names=None, seed: int = 0):
     cfg = dict(model_cfg, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # also makes the new head's initialisation reproducible
