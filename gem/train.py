@@ -149,39 +149,19 @@ def method_callbacks(method, datamodule, **context) -> list:
 
 
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -> str:
+    """config -> task -> model -> method -> trainer -> fit/test -> record; returns the summary line."""
     L.seed_everything(int(cfg.seed), workers=True)
     logger = build_logger(cfg, run_dir)  # first: a logger misconfiguration fails before any loading
-    method, eval_order = checked.method, checked.eval_order
+    method = checked.method
     with record.phase("load"):
         task = load_task(cfg.task, cfg.data_dir, int(cfg.seed))
         loaded = load_model(cfg.model, task.kind, task.num_labels)
         model = method.prepare(loaded.model, loaded.head_parameter_names)
-    requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
-        else int(cfg.task.max_length)
-    max_length, clamp_note = fit_max_length(requested, loaded.model, loaded.tokenizer)
-    notes = [*task.notes, *([clamp_note] if clamp_note else [])]
-    if not task.split_sizes.get("dev"):
-        notes.append("no dev set (task.num_dev=0): no best-epoch selection, the last epoch is tested")
-        log.warning(notes[-1])
-    record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": notes},
-                  method_settings=method.describe())
-    if clamp_note:  # the data layer logs its own notes when it makes them
-        log.warning(clamp_note)
-
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    if loaded.kind == "decoder":  # prompts + candidate scoring / generation (gem.lit.causal_module)
-        generation = OmegaConf.to_container(cfg.task.generation, resolve=True) if cfg.task.get("generation") else {}
-        collate = causal_collator(loaded.tokenizer, task, max_length, int(generation.get("max_new_tokens", 0)))
-        module = CausalLMModule(model, method, task_name=task.name, task_kind=task.kind,
-                                metric_names=list(task.metrics), num_labels=task.num_labels, optim=optim,
-                                tokenizer=loaded.tokenizer, generation=generation)
-    else:
-        collate = encoder_collator(loaded.tokenizer, task, max_length)
-        module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
-                                num_labels=task.num_labels, optim=optim)
+    max_length = _max_length(cfg, loaded, task, record, method)
+    module, collate = _lightning_module(cfg, loaded, task, model, method, max_length)
     datamodule = TaskDataModule(task, collate, batch_size=int(cfg.batch_size), eval_batch_size=int(cfg.eval_batch_size),
                                 seed=int(cfg.seed), num_workers=int(cfg.num_workers),
-                                eval_order=eval_order)
+                                eval_order=checked.eval_order)
     ckpt_path = _resolve_ckpt_path(cfg, run_dir, record)
     callbacks = method_callbacks(method, datamodule, record=record, run_dir=run_dir, seed=int(cfg.seed),
                                  resume_from=ckpt_path)
@@ -204,17 +184,53 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, checked: _Checked) -
             trainer.validate(module, datamodule=datamodule, verbose=False)
     with record.phase("test"):
         trainer.test(module, datamodule=datamodule, verbose=False)
-    model = module.model  # the selection may have wrapped it (GEM: a PEFT model)
+    if resume_checkpoint and not cfg.resume_checkpoints.get("keep_after_success", False):
+        shutil.rmtree(run_dir / "lightning", ignore_errors=True)
+    return _record_results(cfg, run_dir, record, trainer, module, method, loaded.num_parameters, task)
 
-    total = loaded.num_parameters
+
+def _max_length(cfg: DictConfig, loaded, task, record: RunRecord, method) -> int:
+    """The sequence length, clamped to the model's positions; the data notes go into the record."""
+    requested = int(cfg.model.get("max_length") or cfg.task.max_length) if loaded.kind == "decoder" \
+        else int(cfg.task.max_length)
+    max_length, clamp_note = fit_max_length(requested, loaded.model, loaded.tokenizer)
+    notes = [*task.notes, *([clamp_note] if clamp_note else [])]
+    if not task.split_sizes.get("dev"):
+        notes.append("no dev set (task.num_dev=0): no best-epoch selection, the last epoch is tested")
+        log.warning(notes[-1])
+    record.update(data={"source": task.source, "sizes": task.split_sizes, "notes": notes},
+                  method_settings=method.describe())
+    if clamp_note:  # the data layer logs its own notes when it makes them
+        log.warning(clamp_note)
+    return max_length
+
+
+def _lightning_module(cfg: DictConfig, loaded, task, model, method, max_length: int):
+    """(LightningModule, collator): prompts + candidate scoring / generation for decoders, a task head otherwise."""
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if loaded.kind == "decoder":  # gem.lit.causal_module
+        generation = OmegaConf.to_container(cfg.task.generation, resolve=True) if cfg.task.get("generation") else {}
+        collate = causal_collator(loaded.tokenizer, task, max_length, int(generation.get("max_new_tokens", 0)))
+        module = CausalLMModule(model, method, task_name=task.name, task_kind=task.kind,
+                                metric_names=list(task.metrics), num_labels=task.num_labels, optim=optim,
+                                tokenizer=loaded.tokenizer, generation=generation)
+        return module, collate
+    collate = encoder_collator(loaded.tokenizer, task, max_length)
+    module = FineTuneModule(model, method, task_kind=task.kind, metric_names=list(task.metrics),
+                            num_labels=task.num_labels, optim=optim)
+    return module, collate
+
+
+def _record_results(cfg: DictConfig, run_dir: Path, record: RunRecord, trainer: L.Trainer, module, method,
+                    total: int, task) -> str:
+    """Metrics, counts and the saved checkpoint into the record (and the logger); the summary line."""
+    model = module.model  # the selection may have wrapped it (GEM: a PEFT model)
     tuned = method.tuned_count(model)
     params = {"total": total, "trainable": sum(p.numel() for _, p in method.trainable_parameters(model)),
               "tuned": tuned, "head": method.head_count(model), "tuned_pct": 100.0 * tuned / total}
     metrics = {**module.best_dev, **module.test_results}
     record.update(metrics=metrics, params=params, best_epoch=module.best_epoch, history=module.history,
                   train_steps=int(trainer.global_step))  # optimizer steps over the whole fit
-    if resume_checkpoint and not cfg.resume_checkpoints.get("keep_after_success", False):
-        shutil.rmtree(run_dir / "lightning", ignore_errors=True)
     if cfg.save_checkpoint:
         with record.phase("save"):
             checkpoint = method.save(model, run_dir / "checkpoint",

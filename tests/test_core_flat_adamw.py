@@ -98,8 +98,10 @@ def test_grad_scaler_on_fused_cpu_matches_adamw():
 
 
 def test_gem_trains_through_flat_adamw():
+    import gem
     from gem.methods import build_method
 
+    assert gem.FlatAdamW is FlatAdamW  # the library's name for it
     assert build_method("gem", ["query"]).optimizer_class is FlatAdamW
     assert build_method("lora", ["query"]).optimizer_class is torch.optim.AdamW
 
