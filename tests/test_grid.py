@@ -73,7 +73,8 @@ def edge_record(tmp_path: Path, source: str, name: str, lr: float, dev: float) -
 
 
 def committed_cell(tmp_path: Path, task: str, method: str) -> None:
-    for run in sorted((ROOT / "results/smollm2" / task).glob(f"{method}_lr*")):
+    """A committed cell's runs on the preset's grid (stages 1 and 2), without any LR past its end."""
+    for run in sorted((ROOT / "results/smollm2" / task).glob(f"{method}_lr[0-9]_s*")):
         shutil.copytree(run, tmp_path / task / run.name)
 
 

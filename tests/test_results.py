@@ -27,7 +27,8 @@ def test_decoder_table_command_reprints_the_committed_table_byte_for_byte():
     assert made.stdout == (RESULTS / "table_smollm2.md").read_text()
 
 
-MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations", "results/smollm2"]
+MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations", "results/smollm2",
+                    "results/gem_lm"]
 
 
 @pytest.mark.skipif(not (RESULTS / "manifest.md").exists(), reason="no committed manifest yet")
