@@ -27,8 +27,18 @@ def test_decoder_table_command_reprints_the_committed_table_byte_for_byte():
     assert made.stdout == (RESULTS / "table_smollm2.md").read_text()
 
 
+SIZES_TABLE_COMMAND = [sys.executable, "-m", "gem.tables", "results/smollm2", "results/gemma3", "--select-by", "dev",
+                       "--tasks", "sst2,rte"]
+
+
+@pytest.mark.skipif(not (RESULTS / "table_sizes.md").exists(), reason="no committed model-size table yet")
+def test_model_size_table_command_reprints_the_committed_table_byte_for_byte():
+    made = subprocess.run(SIZES_TABLE_COMMAND, cwd=RESULTS.parent, capture_output=True, text=True, check=True)
+    assert made.stdout == (RESULTS / "table_sizes.md").read_text()
+
+
 MANIFEST_COMMAND = [sys.executable, "-m", "gem.manifest", "results/runs", "results/ablations", "results/smollm2",
-                    "results/gem_lm"]
+                    "results/gem_lm", "results/gemma3"]
 
 
 @pytest.mark.skipif(not (RESULTS / "manifest.md").exists(), reason="no committed manifest yet")
